@@ -1,0 +1,152 @@
+//! Argument parsing and the subcommands. `anyhow` is used here, in the binary only.
+
+mod chat_loop;
+mod commands;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use llmgenie::model::DeviceChoice;
+use llmgenie::sampler::SamplingParams;
+
+pub use commands::dispatch;
+
+#[derive(Parser, Debug)]
+#[command(name = "llmgenie", version, about = "In-process GGUF inference engine with an Ollama/OpenAI-compatible API")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Print load time, token counts and speeds to stderr.
+    #[arg(long, short, global = true)]
+    pub verbose: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Generate an answer to a prompt (chat template applied), or chat interactively without one.
+    Run(RunArgs),
+    /// Validate a GGUF file (or catalogue model) and print a summary of it.
+    Inspect {
+        /// A catalogue name or a path to a .gguf file.
+        model: String,
+    },
+    /// Download a catalogue model from the Hugging Face hub and verify its checksum.
+    Pull {
+        name: String,
+        #[arg(long, env = "LLMGENIE_MODELS")]
+        models_dir: Option<PathBuf>,
+    },
+    /// List the catalogue and which models are downloaded.
+    List {
+        #[arg(long, env = "LLMGENIE_MODELS")]
+        models_dir: Option<PathBuf>,
+    },
+    /// Measure prefill and decode speed, load time and peak memory.
+    Bench(BenchArgs),
+}
+
+/// Which model and where it runs.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// A catalogue name (see `llmgenie list`) or a path to a .gguf file. Default: smollm2-135m.
+    #[arg(long, short, env = "LLMGENIE_MODEL", default_value = "")]
+    pub model: String,
+    /// cpu, cuda, metal or auto (the best this build has).
+    #[arg(long, env = "LLMGENIE_DEVICE", default_value = "auto")]
+    pub device: DeviceChoice,
+    /// CPU threads for compute (default: all cores).
+    #[arg(long, env = "LLMGENIE_THREADS")]
+    pub threads: Option<usize>,
+    #[arg(long, env = "LLMGENIE_MODELS")]
+    pub models_dir: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// The prompt; without one, an interactive chat starts.
+    pub prompt: Option<String>,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// A system message for the chat template.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Send the prompt as it is, without the chat template.
+    #[arg(long)]
+    pub raw: bool,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+/// Sampling flags, named as in the OpenAI API.
+#[derive(Args, Debug, Clone)]
+pub struct SamplingArgs {
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f32,
+    /// 0 disables.
+    #[arg(long, default_value_t = 40)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 0.05)]
+    pub min_p: f32,
+    /// Most tokens to generate (default: until the end of the answer or the context).
+    #[arg(long)]
+    pub max_tokens: Option<usize>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Stop when this text appears (not printed). Repeatable.
+    #[arg(long)]
+    pub stop: Vec<String>,
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    #[arg(long, default_value_t = 64)]
+    pub repeat_last_n: usize,
+    #[arg(long, default_value_t = 0.0)]
+    pub presence_penalty: f32,
+    #[arg(long, default_value_t = 0.0)]
+    pub frequency_penalty: f32,
+}
+
+impl SamplingArgs {
+    pub fn params(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            seed: self.seed,
+            top_logprobs: 0,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long, default_value_t = 512)]
+    pub prompt_tokens: usize,
+    #[arg(long, default_value_t = 128)]
+    pub gen_tokens: usize,
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Logs go to stderr; `RUST_LOG` overrides the level.
+pub fn init_logging(verbose: bool) {
+    let default = if verbose { "llmgenie=info" } else { "llmgenie=warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

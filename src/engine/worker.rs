@@ -1,0 +1,245 @@
+//! The model thread: loads the weights, then advances every active sequence in turn.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::sync::mpsc as std_mpsc;
+use std::time::{Duration, Instant};
+
+use candle_core::Device;
+use tokio::sync::mpsc;
+
+use super::{Command, EngineError, EngineStats, Event, FinishReason, Finished, GenerateRequest, ModelInfo, Ready, TokenEvent};
+use crate::chat::ChatTemplate;
+use crate::model::{self, KvCache, Transformer};
+use crate::sampler::Sampler;
+use crate::stop::{StopMatcher, StopOutcome};
+use crate::vocab;
+use crate::tokenizer::{GgufTokenizer, IncrementalDecoder};
+
+/// Prompt tokens evaluated per step, so a long prompt does not stall other sequences and the
+/// attention scores of one step stay small.
+const PREFILL_CHUNK: usize = 512;
+
+/// How many sequences advance together; further requests wait in the channel.
+const MAX_ACTIVE: usize = 8;
+
+pub(super) fn run(
+    name: String,
+    path: PathBuf,
+    device: Device,
+    commands: std_mpsc::Receiver<Command>,
+    ready: std_mpsc::Sender<Ready>,
+    stats: Arc<EngineStats>,
+) {
+    let started = Instant::now();
+    let loaded = match load(&name, &path, &device, started) {
+        Ok(l) => l,
+        Err(e) => {
+            // Nobody is waiting if the caller gave up; nothing else to do.
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let (weights, tokenizer, info, template) = loaded;
+    if ready.send(Ok((info, tokenizer.clone(), template))).is_err() {
+        return;
+    }
+    tracing::info!(model = %name, load_s = started.elapsed().as_secs_f64(), "model ready");
+    serve(&weights, &tokenizer, &commands, &stats);
+}
+
+type Loaded = (Transformer, GgufTokenizer, ModelInfo, ChatTemplate);
+
+fn load(name: &str, path: &PathBuf, device: &Device, started: Instant) -> Result<Loaded, EngineError> {
+    let loaded = model::load(path, device)?;
+    let tokenizer = vocab::tokenizer_from_gguf(&loaded.file)?;
+    let template = vocab::template_from_gguf(&loaded.file, &tokenizer)?;
+    let info = ModelInfo {
+        name: name.to_string(),
+        path: path.clone(),
+        spec: loaded.spec,
+        file_size: loaded.file.file_size,
+        load_time: started.elapsed(),
+        device: format!("{device:?}"),
+    };
+    Ok((loaded.weights, tokenizer, info, template))
+}
+
+/// One request in flight.
+struct Sequence<'t> {
+    events: mpsc::UnboundedSender<Event>,
+    request: GenerateRequest,
+    cache: KvCache,
+    sampler: Sampler,
+    decoder: IncrementalDecoder<'t>,
+    stops: StopMatcher,
+    /// Prompt then generated tokens.
+    tokens: Vec<u32>,
+    /// Tokens already in the cache.
+    evaluated: usize,
+    generated: usize,
+    queue_time: Duration,
+    started: Instant,
+    first_token: Option<Instant>,
+}
+
+enum Step {
+    Continue,
+    Finished,
+    Cancelled,
+    Failed,
+}
+
+fn serve(
+    weights: &Transformer,
+    tokenizer: &GgufTokenizer,
+    commands: &std_mpsc::Receiver<Command>,
+    stats: &EngineStats,
+) {
+    let mut active: Vec<Sequence<'_>> = Vec::new();
+    loop {
+        // Block when idle; otherwise take what has arrived without waiting.
+        while active.len() < MAX_ACTIVE {
+            let cmd = if active.is_empty() {
+                match commands.recv() {
+                    Ok(c) => c,
+                    Err(_) => return,
+                }
+            } else {
+                match commands.try_recv() {
+                    Ok(c) => c,
+                    Err(std_mpsc::TryRecvError::Empty) => break,
+                    Err(std_mpsc::TryRecvError::Disconnected) => return,
+                }
+            };
+            match cmd {
+                Command::Shutdown => return,
+                Command::Generate { request, events, submitted } => {
+                    active.push(Sequence {
+                        cache: weights.new_cache(),
+                        sampler: Sampler::new(request.params.clone()),
+                        decoder: tokenizer.decoder(),
+                        stops: StopMatcher::new(&request.stop),
+                        tokens: request.prompt.clone(),
+                        evaluated: 0,
+                        generated: 0,
+                        queue_time: submitted.elapsed(),
+                        started: Instant::now(),
+                        first_token: None,
+                        events,
+                        request,
+                    });
+                }
+            }
+        }
+        stats.active.store(active.len(), Ordering::Relaxed);
+        active.retain_mut(|seq| {
+            let outcome = if seq.events.is_closed() {
+                Step::Cancelled
+            } else {
+                match step(weights, tokenizer, seq) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "generation failed");
+                        // The client may have left; the sequence ends either way.
+                        let _ = seq.events.send(Event::Error(e.to_string()));
+                        Step::Failed
+                    }
+                }
+            };
+            let counter = match outcome {
+                Step::Continue => return true,
+                Step::Finished => &stats.completed,
+                Step::Cancelled => {
+                    tracing::debug!("client went away; sequence dropped");
+                    &stats.cancelled
+                }
+                Step::Failed => &stats.failed,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            stats.prompt_tokens.fetch_add(seq.evaluated.min(seq.request.prompt.len()) as u64, Ordering::Relaxed);
+            stats.generated_tokens.fetch_add(seq.generated as u64, Ordering::Relaxed);
+            stats.pending.fetch_sub(1, Ordering::Relaxed);
+            false
+        });
+        stats.active.store(active.len(), Ordering::Relaxed);
+    }
+}
+
+/// Advance one sequence by one prompt chunk or one generated token.
+fn step(weights: &Transformer, tokenizer: &GgufTokenizer, seq: &mut Sequence<'_>) -> Result<Step, EngineError> {
+    let prompt_len = seq.request.prompt.len();
+    let end = if seq.evaluated < prompt_len {
+        (seq.evaluated + PREFILL_CHUNK).min(prompt_len)
+    } else {
+        seq.tokens.len()
+    };
+    let logits = weights.forward(&seq.tokens[seq.evaluated..end], &mut seq.cache)?;
+    seq.evaluated = end;
+    if seq.evaluated < prompt_len {
+        return Ok(Step::Continue);
+    }
+    let logits: Vec<f32> = logits.to_vec1().map_err(model::ModelError::from)?;
+    let sampled = seq
+        .sampler
+        .sample(&logits, &seq.tokens)
+        .ok_or_else(|| EngineError::InvalidRequest("the model produced no valid logits".into()))?;
+    let now = Instant::now();
+    if seq.first_token.is_none() {
+        seq.first_token = Some(now);
+    }
+    if tokenizer.stop_ids().contains(&sampled.token) {
+        return finish(seq, FinishReason::Stop);
+    }
+    seq.generated += 1;
+    seq.tokens.push(sampled.token);
+    let piece = seq.decoder.step(sampled.token)?.unwrap_or_default();
+    let (text, stopped) = match seq.stops.push(&piece) {
+        StopOutcome::Emit(t) => (t, false),
+        StopOutcome::Stop(t) => (t, true),
+    };
+    let event = Event::Token(TokenEvent {
+        id: sampled.token,
+        text,
+        logprob: sampled.logprob,
+        top: sampled.top,
+    });
+    if seq.events.send(event).is_err() {
+        return Ok(Step::Cancelled);
+    }
+    if stopped {
+        return finish(seq, FinishReason::Stop);
+    }
+    let context = weights.config().context_length;
+    let limit_hit = seq.request.max_tokens.is_some_and(|m| seq.generated >= m);
+    if limit_hit || seq.tokens.len() >= context {
+        return finish(seq, FinishReason::Length);
+    }
+    Ok(Step::Continue)
+}
+
+fn finish(seq: &mut Sequence<'_>, reason: FinishReason) -> Result<Step, EngineError> {
+    let rest = seq.stops.flush();
+    if !rest.is_empty() {
+        // Text held back for a stop string that never came is part of the answer.
+        let _ = seq.events.send(Event::Token(TokenEvent {
+            id: seq.tokens.last().copied().unwrap_or_default(),
+            text: rest,
+            logprob: 0.0,
+            top: Vec::new(),
+        }));
+    }
+    let first = seq.first_token.unwrap_or_else(Instant::now);
+    let done = Finished {
+        reason,
+        prompt_tokens: seq.request.prompt.len(),
+        generated_tokens: seq.generated,
+        queue_time: seq.queue_time,
+        prompt_time: first.duration_since(seq.started),
+        generation_time: first.elapsed(),
+    };
+    // The client may be gone already; the sequence is finished regardless.
+    let _ = seq.events.send(Event::Done(done));
+    Ok(Step::Finished)
+}

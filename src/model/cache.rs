@@ -1,0 +1,105 @@
+//! A sequence's key/value cache: per layer, keys and values of every position seen so far.
+//!
+//! Storage grows by doubling (never per token) and is written in place with `slice_set`, so a
+//! decode step copies only the new position's keys and values.
+
+use candle_core::Tensor;
+
+use super::ModelError;
+
+/// Smallest number of positions a layer's storage is allocated for.
+const MIN_CAPACITY: usize = 64;
+
+/// Keys and values of one layer: `(1, kv_heads, capacity, head_dim)` each.
+struct LayerCache {
+    k: Tensor,
+    v: Tensor,
+}
+
+/// The KV cache of one sequence.
+pub struct KvCache {
+    layers: Vec<Option<LayerCache>>,
+    /// Positions already stored (the same in every layer once a forward pass ends).
+    len: usize,
+}
+
+impl KvCache {
+    pub fn new(n_layers: usize) -> Self {
+        Self {
+            layers: (0..n_layers).map(|_| None).collect(),
+            len: 0,
+        }
+    }
+
+    /// Number of positions stored.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Forget everything; storage is released.
+    pub fn clear(&mut self) {
+        self.layers.iter_mut().for_each(|l| *l = None);
+        self.len = 0;
+    }
+
+    /// Keep only the first `len` positions (for reusing a shared prompt prefix).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Bytes held by the cache's storage.
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .map(|l| (l.k.elem_count() + l.v.elem_count()) * l.k.dtype().size_in_bytes())
+            .sum()
+    }
+
+    pub(crate) fn advance(&mut self, n: usize) {
+        self.len += n;
+    }
+
+    /// Store `k`, `v` (`(1, kv_heads, n, head_dim)`) for layer `layer` after the current
+    /// positions and return views over all stored positions.
+    pub(crate) fn append(
+        &mut self,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<(Tensor, Tensor), ModelError> {
+        let (b, heads, n, dim) = k.dims4()?;
+        let needed = self.len + n;
+        let slot = self
+            .layers
+            .get_mut(layer)
+            .ok_or(ModelError::Internal("kv cache layer out of range"))?;
+        let grow = match slot {
+            Some(c) => c.k.dim(2)? < needed,
+            None => true,
+        };
+        if grow {
+            let old_cap = slot.as_ref().map_or(0, |c| c.k.dims()[2]);
+            let cap = needed.max(old_cap * 2).max(MIN_CAPACITY);
+            let nk = Tensor::zeros((b, heads, cap, dim), k.dtype(), k.device())?;
+            let nv = Tensor::zeros((b, heads, cap, dim), v.dtype(), v.device())?;
+            if let Some(c) = slot.as_ref() {
+                if self.len > 0 {
+                    nk.slice_set(&c.k.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                    nv.slice_set(&c.v.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                }
+            }
+            *slot = Some(LayerCache { k: nk, v: nv });
+        }
+        let c = slot
+            .as_ref()
+            .ok_or(ModelError::Internal("kv cache layer missing after growth"))?;
+        c.k.slice_set(&k.contiguous()?, 2, self.len)?;
+        c.v.slice_set(&v.contiguous()?, 2, self.len)?;
+        Ok((c.k.narrow(2, 0, needed)?, c.v.narrow(2, 0, needed)?))
+    }
+}

@@ -1,0 +1,138 @@
+//! Loading a validated GGUF file into a [`Transformer`] on a device.
+//!
+//! The file is validated by [`crate::gguf`] first (candle trusts the header and can panic or
+//! allocate wildly on a malformed one); only then does candle read the tensors.
+
+mod cache;
+mod device;
+mod transformer;
+
+use std::fs::File;
+use std::io::BufReader;
+use std::path::Path;
+
+use candle_core::quantized::{gguf_file, QTensor};
+use candle_core::Device;
+
+use crate::gguf::{Architecture, GgufError, GgufFile, ModelSpec};
+
+pub use cache::KvCache;
+pub use device::{select_device, DeviceChoice};
+pub use transformer::{Activation, Config, RopeStyle, TensorSource, Transformer};
+
+/// Errors of loading and running a model.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    #[error("cannot open model file {path}: {source}")]
+    Open {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("model file lacks tensor '{0}'")]
+    MissingTensor(String),
+    #[error("architecture '{0}' is recognised but not supported by the forward pass; supported: llama, gemma3, qwen2, qwen3")]
+    Unsupported(String),
+    #[error("the input is empty")]
+    EmptyInput,
+    #[error("sequence needs {needed} positions but the context holds {limit}")]
+    ContextOverflow { needed: usize, limit: usize },
+    #[error("device: {0}")]
+    Device(String),
+    #[error("internal error: {0}")]
+    Internal(&'static str),
+    #[error("tensor computation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Forward-pass configuration for a validated spec.
+///
+/// # Errors
+/// The architecture has no forward pass here.
+pub fn config_for(spec: &ModelSpec) -> Result<Config, ModelError> {
+    let head_dim = spec.key_length;
+    let (rope_style, activation, scale_embeddings, sliding) = match spec.architecture {
+        Architecture::Llama => (RopeStyle::Interleaved, Activation::Silu, false, None),
+        Architecture::Qwen2 | Architecture::Qwen3 => (RopeStyle::Neox, Activation::Silu, false, None),
+        // Five sliding layers, then one global (llama.cpp `set_swa_pattern(6)`).
+        Architecture::Gemma3 => (
+            RopeStyle::Neox,
+            Activation::GeluTanh,
+            true,
+            spec.sliding_window.map(|w| (w, 6)),
+        ),
+        other => return Err(ModelError::Unsupported(other.to_string())),
+    };
+    let rope_base_local = match spec.architecture {
+        Architecture::Gemma3 => Some(spec.rope_local_freq_base.unwrap_or(10_000.0)),
+        _ => None,
+    };
+    Ok(Config {
+        hidden: spec.embedding_length,
+        n_layers: spec.block_count,
+        n_heads: spec.head_count,
+        n_kv_heads: spec.head_count_kv,
+        head_dim,
+        rms_eps: spec.rms_eps,
+        rope_style,
+        rope_base: spec.rope_freq_base,
+        rope_base_local,
+        rope_dims: spec.rope_dimension_count.unwrap_or(head_dim).min(head_dim),
+        activation,
+        scale_embeddings,
+        sliding_window: sliding,
+        attn_scale: 1.0 / (head_dim as f64).sqrt(),
+        context_length: spec.context_length,
+    })
+}
+
+/// Reads tensors through candle's GGUF reader from an already validated file.
+struct GgufTensors {
+    content: gguf_file::Content,
+    reader: BufReader<File>,
+    device: Device,
+}
+
+impl TensorSource for GgufTensors {
+    fn load(&mut self, name: &str) -> Result<Option<QTensor>, ModelError> {
+        if !self.content.tensor_infos.contains_key(name) {
+            return Ok(None);
+        }
+        Ok(Some(self.content.tensor(&mut self.reader, name, &self.device)?))
+    }
+}
+
+/// A validated file, its spec and its weights on a device.
+pub struct LoadedModel {
+    pub file: GgufFile,
+    pub spec: ModelSpec,
+    pub weights: Transformer,
+}
+
+/// Validate `path` and load its weights onto `device`.
+///
+/// # Errors
+/// The file is malformed ([`ModelError::Gguf`]), its architecture is unsupported, or loading fails.
+pub fn load(path: &Path, device: &Device) -> Result<LoadedModel, ModelError> {
+    let file = GgufFile::open(path)?;
+    let spec = ModelSpec::from_gguf(&file)?;
+    let cfg = config_for(&spec)?;
+    let open = |e| ModelError::Open {
+        path: path.display().to_string(),
+        source: e,
+    };
+    let mut reader = BufReader::new(File::open(path).map_err(open)?);
+    let content = gguf_file::Content::read(&mut reader)?;
+    let mut src = GgufTensors {
+        content,
+        reader,
+        device: device.clone(),
+    };
+    let weights = Transformer::load(cfg, &mut src, device)?;
+    Ok(LoadedModel {
+        file,
+        spec,
+        weights,
+    })
+}

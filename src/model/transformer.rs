@@ -1,0 +1,436 @@
+//! One decoder-only transformer forward pass for the architectures we serve.
+//!
+//! Llama (SmolLM2, Llama 2/3, Mistral, CodeLlama), Gemma 3, Qwen 2 and Qwen 3 share the same
+//! skeleton: token embedding, N blocks of (norm, attention, residual, norm, gated MLP, residual),
+//! a final norm and a vocabulary projection. Their differences are flags on [`Config`]:
+//!
+//! - rotary layout: llama.cpp's converter permutes Llama's Q/K weights so that the *interleaved*
+//!   (GPT-J) rotation applies; every other family uses the NeoX (half-split) rotation
+//!   (`llama_model_rope_type()` in llama.cpp).
+//! - Gemma 3: embeddings scaled by `sqrt(hidden)`, RMS norms on Q and K per head, extra norms after
+//!   attention and after the MLP, GELU (tanh approximation) in the MLP, and sliding-window attention
+//!   on five of every six layers with their own rope base (`llm_build_gemma3` in llama.cpp).
+//! - Qwen 2: biases on the Q/K/V projections. Qwen 3: Q/K norms, no biases.
+//!
+//! Weights stay quantized (the token embedding too: rows are dequantized on lookup), so resident
+//! memory is close to the file size. The KV cache is not part of the weights: each sequence owns a
+//! [`KvCache`], so one resident model can serve many sequences.
+
+use std::sync::Arc;
+
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_transformers::utils::repeat_kv;
+
+use super::cache::KvCache;
+use super::ModelError;
+
+/// Which rotation the Q/K heads get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Pairs (2i, 2i+1) rotate together (llama.cpp `LLAMA_ROPE_TYPE_NORM`).
+    Interleaved,
+    /// Pairs (i, i + d/2) rotate together (llama.cpp `LLAMA_ROPE_TYPE_NEOX`).
+    Neox,
+}
+
+/// The MLP's gate activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Silu,
+    /// GELU with the tanh approximation, as Gemma uses.
+    GeluTanh,
+}
+
+/// Everything the forward pass needs to know that is not a tensor.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub hidden: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub rms_eps: f32,
+    pub rope_style: RopeStyle,
+    /// Rope base of global-attention layers.
+    pub rope_base: f32,
+    /// Rope base of sliding-window layers (Gemma 3); `None` uses `rope_base`.
+    pub rope_base_local: Option<f32>,
+    /// Number of rotated dimensions per head (`rope.dimension_count`); the rest pass through.
+    pub rope_dims: usize,
+    pub activation: Activation,
+    /// Multiply embeddings by `sqrt(hidden)` (Gemma).
+    pub scale_embeddings: bool,
+    /// Attention window of sliding layers, and which layers slide (`layer % pattern != pattern-1`).
+    pub sliding_window: Option<(usize, usize)>,
+    /// Softmax scale; `1/sqrt(head_dim)` for every model here.
+    pub attn_scale: f64,
+    pub context_length: usize,
+}
+
+/// A layer's learned tensors.
+struct Layer {
+    attn_norm: Tensor,
+    wq: QMatMul,
+    wk: QMatMul,
+    wv: QMatMul,
+    wo: QMatMul,
+    bq: Option<Tensor>,
+    bk: Option<Tensor>,
+    bv: Option<Tensor>,
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
+    post_attn_norm: Option<Tensor>,
+    ffn_norm: Tensor,
+    gate: QMatMul,
+    up: QMatMul,
+    down: QMatMul,
+    post_ffn_norm: Option<Tensor>,
+    /// Window size when this layer uses sliding-window attention.
+    window: Option<usize>,
+    rope_base: f32,
+}
+
+/// The weights of one model, immutable after load; sequences bring their own caches.
+pub struct Transformer {
+    cfg: Config,
+    embed: Arc<QTensor>,
+    layers: Vec<Layer>,
+    out_norm: Tensor,
+    output: QMatMul,
+    /// Per-dimension rope frequency divisors (Llama 3.1 `rope_freqs.weight`), if the file has them.
+    rope_freqs: Option<Vec<f32>>,
+    device: Device,
+}
+
+/// Where the loader gets tensors from; lets the loader stay independent of file handling.
+pub trait TensorSource {
+    /// Load the named tensor, or `None` when the file lacks it.
+    fn load(&mut self, name: &str) -> Result<Option<QTensor>, ModelError>;
+}
+
+fn required(src: &mut dyn TensorSource, name: &str) -> Result<QTensor, ModelError> {
+    src.load(name)?
+        .ok_or_else(|| ModelError::MissingTensor(name.to_string()))
+}
+
+fn dense(t: QTensor, device: &Device) -> Result<Tensor, ModelError> {
+    Ok(t.dequantize(device)?)
+}
+
+fn optional_dense(
+    src: &mut dyn TensorSource,
+    name: &str,
+    device: &Device,
+) -> Result<Option<Tensor>, ModelError> {
+    src.load(name)?.map(|t| dense(t, device)).transpose()
+}
+
+impl Transformer {
+    /// Build the model from a tensor source.
+    ///
+    /// # Errors
+    /// A tensor the architecture needs is missing, or candle fails to place it on the device.
+    pub fn load(
+        cfg: Config,
+        src: &mut dyn TensorSource,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let embed = Arc::new(required(src, "token_embd.weight")?);
+        let output = match src.load("output.weight")? {
+            Some(t) => QMatMul::from_qtensor(t)?,
+            None => QMatMul::from_arc(embed.clone())?,
+        };
+        let out_norm = dense(required(src, "output_norm.weight")?, device)?;
+        let rope_freqs = match src.load("rope_freqs.weight")? {
+            Some(t) => Some(t.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?),
+            None => None,
+        };
+        let mut layers = Vec::with_capacity(cfg.n_layers);
+        for i in 0..cfg.n_layers {
+            layers.push(Self::load_layer(&cfg, i, src, device)?);
+        }
+        Ok(Self {
+            cfg,
+            embed,
+            layers,
+            out_norm,
+            output,
+            rope_freqs,
+            device: device.clone(),
+        })
+    }
+
+    fn load_layer(
+        cfg: &Config,
+        i: usize,
+        src: &mut dyn TensorSource,
+        device: &Device,
+    ) -> Result<Layer, ModelError> {
+        let name = |s: &str| format!("blk.{i}.{s}");
+        let mut qm = |s: &str| -> Result<QMatMul, ModelError> {
+            Ok(QMatMul::from_qtensor(required(src, &name(s))?)?)
+        };
+        let wq = qm("attn_q.weight")?;
+        let wk = qm("attn_k.weight")?;
+        let wv = qm("attn_v.weight")?;
+        let wo = qm("attn_output.weight")?;
+        let gate = qm("ffn_gate.weight")?;
+        let up = qm("ffn_up.weight")?;
+        let down = qm("ffn_down.weight")?;
+        let window = cfg
+            .sliding_window
+            .and_then(|(w, pattern)| (pattern == 0 || i % pattern != pattern - 1).then_some(w));
+        let rope_base = match (window, cfg.rope_base_local) {
+            (Some(_), Some(local)) => local,
+            _ => cfg.rope_base,
+        };
+        Ok(Layer {
+            attn_norm: dense(required(src, &name("attn_norm.weight"))?, device)?,
+            ffn_norm: dense(required(src, &name("ffn_norm.weight"))?, device)?,
+            bq: optional_dense(src, &name("attn_q.bias"), device)?,
+            bk: optional_dense(src, &name("attn_k.bias"), device)?,
+            bv: optional_dense(src, &name("attn_v.bias"), device)?,
+            q_norm: optional_dense(src, &name("attn_q_norm.weight"), device)?,
+            k_norm: optional_dense(src, &name("attn_k_norm.weight"), device)?,
+            post_attn_norm: optional_dense(src, &name("post_attention_norm.weight"), device)?,
+            post_ffn_norm: optional_dense(src, &name("post_ffw_norm.weight"), device)?,
+            wq,
+            wk,
+            wv,
+            wo,
+            gate,
+            up,
+            down,
+            window,
+            rope_base,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// A new, empty cache sized for this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.cfg.n_layers)
+    }
+
+    /// Run `tokens` (positions `cache.len()..`) through the model, append their keys and values to
+    /// `cache`, and return the logits of the last token as a `(vocab,)` f32 tensor.
+    ///
+    /// # Errors
+    /// Empty input, a position past the context length, or a candle failure.
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor, ModelError> {
+        let seq_len = tokens.len();
+        if seq_len == 0 {
+            return Err(ModelError::EmptyInput);
+        }
+        let pos = cache.len();
+        if pos + seq_len > self.cfg.context_length {
+            return Err(ModelError::ContextOverflow {
+                needed: pos + seq_len,
+                limit: self.cfg.context_length,
+            });
+        }
+        let ids = Tensor::from_slice(tokens, (seq_len,), &self.device)?;
+        let mut x = self.embed.embedding(&ids)?.unsqueeze(0)?;
+        if self.cfg.scale_embeddings {
+            x = (x * (self.cfg.hidden as f64).sqrt())?;
+        }
+        let mut ropes: Vec<(f32, Tensor, Tensor)> = Vec::with_capacity(2);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let rope_index = match ropes.iter().position(|(b, _, _)| *b == layer.rope_base) {
+                Some(r) => r,
+                None => {
+                    let (cos, sin) = self.rope_tables(layer.rope_base, pos, seq_len)?;
+                    ropes.push((layer.rope_base, cos, sin));
+                    ropes.len() - 1
+                }
+            };
+            let (_, cos, sin) = &ropes[rope_index];
+            x = self.block(layer, i, &x, pos, cos, sin, cache)?;
+        }
+        cache.advance(seq_len);
+        let last = x.narrow(1, seq_len - 1, 1)?;
+        let last = candle_nn::ops::rms_norm(&last, &self.out_norm, self.cfg.rms_eps)?;
+        let logits = self.output.forward(&last)?;
+        Ok(logits.flatten_all()?.to_dtype(DType::F32)?)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn block(
+        &self,
+        layer: &Layer,
+        index: usize,
+        x: &Tensor,
+        pos: usize,
+        cos: &Tensor,
+        sin: &Tensor,
+        cache: &mut KvCache,
+    ) -> Result<Tensor, ModelError> {
+        let eps = self.cfg.rms_eps;
+        let h = candle_nn::ops::rms_norm(x, &layer.attn_norm, eps)?;
+        let mut h = self.attention(layer, index, &h, pos, cos, sin, cache)?;
+        if let Some(w) = &layer.post_attn_norm {
+            h = candle_nn::ops::rms_norm(&h, w, eps)?;
+        }
+        let x = (x + h)?;
+        let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
+        let gate = layer.gate.forward(&h)?;
+        let gate = match self.cfg.activation {
+            Activation::Silu => candle_nn::ops::silu(&gate)?,
+            Activation::GeluTanh => gate.gelu()?,
+        };
+        let h = layer.down.forward(&(gate * layer.up.forward(&h)?)?)?;
+        let h = match &layer.post_ffn_norm {
+            Some(w) => candle_nn::ops::rms_norm(&h, w, eps)?,
+            None => h,
+        };
+        Ok((x + h)?)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        layer: &Layer,
+        index: usize,
+        x: &Tensor,
+        pos: usize,
+        cos: &Tensor,
+        sin: &Tensor,
+        cache: &mut KvCache,
+    ) -> Result<Tensor, ModelError> {
+        let cfg = &self.cfg;
+        let (b, seq_len, _) = x.dims3()?;
+        let project = |w: &QMatMul, bias: &Option<Tensor>, heads: usize| -> candle_core::Result<Tensor> {
+            let mut t = w.forward(x)?;
+            if let Some(bias) = bias {
+                t = t.broadcast_add(bias)?;
+            }
+            t.reshape((b, seq_len, heads, cfg.head_dim))?.transpose(1, 2)?.contiguous()
+        };
+        let mut q = project(&layer.wq, &layer.bq, cfg.n_heads)?;
+        let mut k = project(&layer.wk, &layer.bk, cfg.n_kv_heads)?;
+        let v = project(&layer.wv, &layer.bv, cfg.n_kv_heads)?;
+        if let Some(w) = &layer.q_norm {
+            q = candle_nn::ops::rms_norm(&q, w, cfg.rms_eps)?;
+        }
+        if let Some(w) = &layer.k_norm {
+            k = candle_nn::ops::rms_norm(&k, w, cfg.rms_eps)?;
+        }
+        let q = self.rotate(&q, cos, sin)?;
+        let k = self.rotate(&k, cos, sin)?;
+        let (k_all, v_all) = cache.append(index, &k, &v)?;
+        let total = pos + seq_len;
+        // A sliding layer never looks further back than its window: drop older keys up front.
+        let start = match layer.window {
+            Some(w) if pos + 1 > w => pos + 1 - w,
+            _ => 0,
+        };
+        let (k_all, v_all) = if start > 0 {
+            (
+                k_all.narrow(2, start, total - start)?,
+                v_all.narrow(2, start, total - start)?,
+            )
+        } else {
+            (k_all, v_all)
+        };
+        let group = cfg.n_heads / cfg.n_kv_heads;
+        // Each KV head serves `group` query heads.
+        let k_all = repeat_kv(k_all.contiguous()?, group)?;
+        let v_all = repeat_kv(v_all.contiguous()?, group)?;
+        let scores = (q.matmul(&k_all.t()?.contiguous()?)? * cfg.attn_scale)?;
+        let scores = match attention_mask(pos, seq_len, start, total, layer.window, &self.device)? {
+            Some(mask) => scores.broadcast_add(&mask)?,
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = probs.matmul(&v_all.contiguous()?)?;
+        let out = out
+            .transpose(1, 2)?
+            .reshape((b, seq_len, cfg.n_heads * cfg.head_dim))?;
+        Ok(layer.wo.forward(&out)?)
+    }
+
+    fn rotate(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+        let rope_dims = self.cfg.rope_dims;
+        let head_dim = self.cfg.head_dim;
+        let rot = |t: &Tensor| match self.cfg.rope_style {
+            RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(t, cos, sin),
+            RopeStyle::Neox => candle_nn::rotary_emb::rope(t, cos, sin),
+        };
+        if rope_dims == head_dim {
+            return rot(x);
+        }
+        let head = x.narrow(D::Minus1, 0, rope_dims)?.contiguous()?;
+        let tail = x.narrow(D::Minus1, rope_dims, head_dim - rope_dims)?;
+        Tensor::cat(&[&rot(&head)?, &tail], D::Minus1)?.contiguous()
+    }
+
+    /// cos and sin tables `(seq_len, rope_dims/2)` for positions `pos..pos+seq_len`.
+    fn rope_tables(
+        &self,
+        base: f32,
+        pos: usize,
+        seq_len: usize,
+    ) -> Result<(Tensor, Tensor), ModelError> {
+        let half = self.cfg.rope_dims / 2;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| {
+                let f = 1.0 / base.powf(2.0 * i as f32 / self.cfg.rope_dims as f32);
+                match &self.rope_freqs {
+                    Some(div) => f / div.get(i).copied().unwrap_or(1.0),
+                    None => f,
+                }
+            })
+            .collect();
+        let mut cos = Vec::with_capacity(seq_len * half);
+        let mut sin = Vec::with_capacity(seq_len * half);
+        for p in pos..pos + seq_len {
+            for f in &inv_freq {
+                let angle = p as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        let cos = Tensor::from_vec(cos, (seq_len, half), &self.device)?;
+        let sin = Tensor::from_vec(sin, (seq_len, half), &self.device)?;
+        Ok((cos, sin))
+    }
+}
+
+/// Additive mask `(seq_len, keys)` over keys `start..total` for queries at `pos..pos+seq_len`:
+/// a query sees keys at or before its own position and, on a sliding layer, fewer than `window`
+/// positions back (llama.cpp's `is_masked_swa`, standard type). `None` when nothing is masked.
+fn attention_mask(
+    pos: usize,
+    seq_len: usize,
+    start: usize,
+    total: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> Result<Option<Tensor>, ModelError> {
+    let keys = total - start;
+    let mut any = false;
+    let mut mask = vec![0f32; seq_len * keys];
+    for i in 0..seq_len {
+        let qpos = pos + i;
+        for j in 0..keys {
+            let kpos = start + j;
+            let hidden = kpos > qpos || window.is_some_and(|w| qpos - kpos >= w);
+            if hidden {
+                mask[i * keys + j] = f32::NEG_INFINITY;
+                any = true;
+            }
+        }
+    }
+    if !any {
+        return Ok(None);
+    }
+    Ok(Some(Tensor::from_vec(mask, (seq_len, keys), device)?))
+}

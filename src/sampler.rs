@@ -1,0 +1,428 @@
+//! Choosing the next token from logits.
+//!
+//! The chain follows llama.cpp's default order: penalties (repeat over the last N tokens,
+//! presence, frequency), then top-k, top-p, min-p, temperature, and a draw from a seeded RNG.
+//! Temperature 0 is greedy (the first highest logit after penalties).
+//! Log-probabilities are those of the model's own distribution (raw logits, before penalties and
+//! temperature), so they measure the model's confidence; the router relies on that.
+
+use std::collections::HashMap;
+
+use rand::distr::{Distribution, Uniform};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+/// Sampling settings, validated by [`SamplingParams::validate`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy. Default 0.8 (llama.cpp).
+    pub temperature: f32,
+    /// Keep the `top_k` most likely tokens; 0 disables. Default 40.
+    pub top_k: usize,
+    /// Keep the smallest set whose probability reaches `top_p`; 1 disables. Default 0.95.
+    pub top_p: f32,
+    /// Drop tokens less likely than `min_p` times the best; 0 disables. Default 0.05.
+    pub min_p: f32,
+    /// Divide positive (multiply negative) logits of recently seen tokens; 1 disables.
+    pub repeat_penalty: f32,
+    /// How many recent tokens the repeat, presence and frequency penalties look at. Default 64.
+    pub repeat_last_n: usize,
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    /// Same seed, same output. `None` draws a seed from the OS.
+    pub seed: Option<u64>,
+    /// How many alternatives to report with each token's log-probability (0..=20).
+    pub top_logprobs: usize,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 0.8,
+            top_k: 40,
+            top_p: 0.95,
+            min_p: 0.05,
+            repeat_penalty: 1.0,
+            repeat_last_n: 64,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            seed: None,
+            top_logprobs: 0,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Greedy decoding with no penalties.
+    pub fn greedy() -> Self {
+        Self {
+            temperature: 0.0,
+            ..Self::default()
+        }
+    }
+
+    /// Check every field against its range; the message names the field.
+    ///
+    /// # Errors
+    /// The first field out of range, e.g. `temperature must be between 0 and 2, got -1`.
+    pub fn validate(&self) -> Result<(), String> {
+        let range = |name: &str, v: f32, lo: f32, hi: f32| {
+            if v.is_finite() && (lo..=hi).contains(&v) {
+                Ok(())
+            } else {
+                Err(format!("{name} must be between {lo} and {hi}, got {v}"))
+            }
+        };
+        range("temperature", self.temperature, 0.0, 2.0)?;
+        range("top_p", self.top_p, 0.0, 1.0)?;
+        range("min_p", self.min_p, 0.0, 1.0)?;
+        range("repeat_penalty", self.repeat_penalty, 0.0, 10.0)?;
+        range("presence_penalty", self.presence_penalty, -2.0, 2.0)?;
+        range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)?;
+        if self.top_logprobs > 20 {
+            return Err(format!(
+                "top_logprobs must be between 0 and 20, got {}",
+                self.top_logprobs
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The token chosen at one step, with the model's log-probability for it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampled {
+    pub token: u32,
+    pub logprob: f32,
+    /// The most likely alternatives (token, logprob), best first, when asked for.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// A sampler with its own RNG; one per sequence.
+pub struct Sampler {
+    params: SamplingParams,
+    rng: StdRng,
+    /// Scratch buffer reused across steps: (token, logit).
+    candidates: Vec<(u32, f32)>,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Self {
+        let rng = match params.seed {
+            Some(seed) => StdRng::seed_from_u64(seed),
+            None => StdRng::from_os_rng(),
+        };
+        Self {
+            params,
+            rng,
+            candidates: Vec::new(),
+        }
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Choose the next token. `history` is every token of the sequence so far (prompt included).
+    /// Returns `None` only for empty or all-NaN logits.
+    pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> Option<Sampled> {
+        let (max, log_z) = log_normaliser(logits)?;
+        let mut adjusted = logits.to_vec();
+        self.apply_penalties(&mut adjusted, history);
+        let token = if self.params.temperature <= 0.0 {
+            argmax(&adjusted)?
+        } else {
+            self.draw(&adjusted)?
+        };
+        let logprob = logits.get(token as usize).map_or(f32::NEG_INFINITY, |l| l - max - log_z);
+        let top = if self.params.top_logprobs > 0 {
+            top_n(logits, self.params.top_logprobs)
+                .into_iter()
+                .map(|(t, l)| (t, l - max - log_z))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Some(Sampled {
+            token,
+            logprob,
+            top,
+        })
+    }
+
+    fn apply_penalties(&self, logits: &mut [f32], history: &[u32]) {
+        let p = &self.params;
+        let no_repeat = p.repeat_penalty == 1.0;
+        if p.repeat_last_n == 0
+            || (no_repeat && p.presence_penalty == 0.0 && p.frequency_penalty == 0.0)
+        {
+            return;
+        }
+        let recent = &history[history.len().saturating_sub(p.repeat_last_n)..];
+        let mut counts: HashMap<u32, u32> = HashMap::new();
+        for &t in recent {
+            *counts.entry(t).or_default() += 1;
+        }
+        for (&t, &count) in &counts {
+            let Some(l) = logits.get_mut(t as usize) else {
+                continue;
+            };
+            if !no_repeat {
+                *l = if *l > 0.0 {
+                    *l / p.repeat_penalty
+                } else {
+                    *l * p.repeat_penalty
+                };
+            }
+            *l -= count as f32 * p.frequency_penalty + p.presence_penalty;
+        }
+    }
+
+    fn draw(&mut self, logits: &[f32]) -> Option<u32> {
+        let p = &self.params;
+        let c = &mut self.candidates;
+        c.clear();
+        c.extend(
+            logits
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| !l.is_nan())
+                .map(|(i, &l)| (i as u32, l)),
+        );
+        if c.is_empty() {
+            return None;
+        }
+        let by_logit_desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        if p.top_k > 0 && p.top_k < c.len() {
+            c.select_nth_unstable_by(p.top_k - 1, by_logit_desc);
+            c.truncate(p.top_k);
+        }
+        c.sort_unstable_by(by_logit_desc);
+        // Probabilities at temperature 1 for the top-p and min-p cuts (llama.cpp order).
+        let best = c[0].1;
+        let mut probs: Vec<f32> = c.iter().map(|(_, l)| (l - best).exp()).collect();
+        let sum: f32 = probs.iter().sum();
+        probs.iter_mut().for_each(|x| *x /= sum);
+        let mut keep = c.len();
+        if p.top_p < 1.0 {
+            let mut acc = 0.0;
+            for (i, pr) in probs.iter().enumerate() {
+                acc += pr;
+                if acc >= p.top_p {
+                    keep = keep.min(i + 1);
+                    break;
+                }
+            }
+        }
+        if p.min_p > 0.0 {
+            let floor = probs[0] * p.min_p;
+            let above = probs.iter().take_while(|&&x| x >= floor).count().max(1);
+            keep = keep.min(above);
+        }
+        c.truncate(keep.max(1));
+        let t = p.temperature;
+        let weights: Vec<f32> = c.iter().map(|(_, l)| ((l - best) / t).exp()).collect();
+        let total: f32 = weights.iter().sum();
+        let u = Uniform::new(0.0f32, 1.0).ok()?.sample(&mut self.rng) * total;
+        let mut acc = 0.0;
+        for ((tok, _), w) in c.iter().zip(&weights) {
+            acc += w;
+            if u < acc {
+                return Some(*tok);
+            }
+        }
+        c.last().map(|(t, _)| *t)
+    }
+}
+
+/// `(max, log(sum(exp(l - max))))` over the finite logits.
+fn log_normaliser(logits: &[f32]) -> Option<(f32, f32)> {
+    let max = logits
+        .iter()
+        .copied()
+        .filter(|l| !l.is_nan())
+        .fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() {
+        return None;
+    }
+    let sum: f32 = logits
+        .iter()
+        .filter(|l| !l.is_nan())
+        .map(|l| (l - max).exp())
+        .sum();
+    Some((max, sum.ln()))
+}
+
+/// Index of the first maximum, ignoring NaN.
+fn argmax(logits: &[f32]) -> Option<u32> {
+    let mut best: Option<(usize, f32)> = None;
+    for (i, &l) in logits.iter().enumerate() {
+        if l.is_nan() {
+            continue;
+        }
+        if best.is_none_or(|(_, b)| l > b) {
+            best = Some((i, l));
+        }
+    }
+    best.map(|(i, _)| i as u32)
+}
+
+/// The `n` highest logits, best first.
+fn top_n(logits: &[f32], n: usize) -> Vec<(u32, f32)> {
+    let mut v: Vec<(u32, f32)> = logits
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| !l.is_nan())
+        .map(|(i, &l)| (i as u32, l))
+        .collect();
+    let cmp = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    if n < v.len() {
+        v.select_nth_unstable_by(n - 1, cmp);
+        v.truncate(n);
+    }
+    v.sort_unstable_by(cmp);
+    v
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn params(temperature: f32) -> SamplingParams {
+        SamplingParams {
+            temperature,
+            seed: Some(7),
+            ..SamplingParams::default()
+        }
+    }
+
+    #[test]
+    fn greedy_picks_first_maximum() {
+        let mut s = Sampler::new(SamplingParams::greedy());
+        let out = s.sample(&[0.1, 3.0, 3.0, -1.0], &[]).unwrap();
+        assert_eq!(out.token, 1);
+    }
+
+    #[test]
+    fn logprob_is_log_softmax_of_raw_logits() {
+        let mut s = Sampler::new(SamplingParams::greedy());
+        let logits = [1.0f32, 2.0, 3.0];
+        let out = s.sample(&logits, &[]).unwrap();
+        let z: f32 = logits.iter().map(|l| l.exp()).sum();
+        assert!((out.logprob - (3.0f32.exp() / z).ln()).abs() < 1e-5);
+    }
+
+    #[test]
+    fn top_logprobs_are_sorted_and_sized() {
+        let mut p = SamplingParams::greedy();
+        p.top_logprobs = 2;
+        let mut s = Sampler::new(p);
+        let out = s.sample(&[0.5, 2.0, 1.0, -3.0], &[]).unwrap();
+        let ids: Vec<u32> = out.top.iter().map(|t| t.0).collect();
+        assert_eq!(ids, vec![1, 2]);
+        assert!(out.top[0].1 > out.top[1].1);
+    }
+
+    #[test]
+    fn same_seed_same_tokens_different_seed_differs() {
+        let logits: Vec<f32> = (0..50).map(|i| (i % 7) as f32 * 0.3).collect();
+        let run = |seed| {
+            let mut p = params(1.5);
+            p.top_k = 0;
+            p.top_p = 1.0;
+            p.min_p = 0.0;
+            p.seed = Some(seed);
+            let mut s = Sampler::new(p);
+            (0..40)
+                .map(|_| s.sample(&logits, &[]).unwrap().token)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(run(1), run(1));
+        assert_ne!(run(1), run(2));
+    }
+
+    #[test]
+    fn top_k_one_is_greedy_at_any_temperature() {
+        let mut p = params(2.0);
+        p.top_k = 1;
+        let mut s = Sampler::new(p);
+        for _ in 0..20 {
+            assert_eq!(s.sample(&[0.0, 0.1, 5.0, 4.9], &[]).unwrap().token, 2);
+        }
+    }
+
+    #[test]
+    fn top_p_cuts_the_tail() {
+        let mut p = params(1.0);
+        p.top_k = 0;
+        p.min_p = 0.0;
+        p.top_p = 0.5;
+        let mut s = Sampler::new(p);
+        // token 0 holds ~0.88 of the mass: top-p 0.5 keeps only it.
+        for _ in 0..20 {
+            assert_eq!(s.sample(&[4.0, 2.0, 1.0, 0.0], &[]).unwrap().token, 0);
+        }
+    }
+
+    #[test]
+    fn min_p_drops_unlikely_tokens() {
+        let mut p = params(1.0);
+        p.top_k = 0;
+        p.top_p = 1.0;
+        p.min_p = 0.5;
+        let mut s = Sampler::new(p);
+        for _ in 0..50 {
+            let t = s.sample(&[3.0, 2.9, -5.0, -5.0], &[]).unwrap().token;
+            assert!(t == 0 || t == 1);
+        }
+    }
+
+    #[test]
+    fn repeat_penalty_changes_the_greedy_choice() {
+        let mut p = SamplingParams::greedy();
+        p.repeat_penalty = 2.0;
+        let mut s = Sampler::new(p);
+        assert_eq!(s.sample(&[2.0, 1.5], &[0]).unwrap().token, 1);
+        let mut plain = Sampler::new(SamplingParams::greedy());
+        assert_eq!(plain.sample(&[2.0, 1.5], &[0]).unwrap().token, 0);
+    }
+
+    #[test]
+    fn presence_and_frequency_penalties_subtract() {
+        let mut p = SamplingParams::greedy();
+        p.frequency_penalty = 0.4;
+        let mut s = Sampler::new(p.clone());
+        // token 0 seen twice: 2.0 - 0.8 = 1.2 < 1.5
+        assert_eq!(s.sample(&[2.0, 1.5], &[0, 0]).unwrap().token, 1);
+        p.frequency_penalty = 0.0;
+        p.presence_penalty = 0.4;
+        let mut s = Sampler::new(p);
+        // presence counts once: 2.0 - 0.4 = 1.6 > 1.5
+        assert_eq!(s.sample(&[2.0, 1.5], &[0, 0]).unwrap().token, 0);
+    }
+
+    #[test]
+    fn nan_and_empty_logits_are_handled() {
+        let mut s = Sampler::new(params(0.7));
+        assert!(s.sample(&[], &[]).is_none());
+        assert!(s.sample(&[f32::NAN, f32::NAN], &[]).is_none());
+        assert_eq!(s.sample(&[f32::NAN, 1.0], &[]).unwrap().token, 1);
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let mut p = SamplingParams::default();
+        p.temperature = -1.0;
+        assert_eq!(
+            p.validate().unwrap_err(),
+            "temperature must be between 0 and 2, got -1"
+        );
+        p.temperature = f32::NAN;
+        assert!(p.validate().unwrap_err().starts_with("temperature"));
+        p.temperature = 1.0;
+        p.top_logprobs = 21;
+        assert!(p.validate().unwrap_err().starts_with("top_logprobs"));
+        assert!(SamplingParams::default().validate().is_ok());
+    }
+}

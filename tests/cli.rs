@@ -1,0 +1,117 @@
+//! The `llmgenie` binary as a user runs it.
+
+use std::process::{Command, Output};
+
+use crate::util::{model_path, reference, root, SMOLLM2};
+
+fn llmgenie(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_llmgenie"))
+        .args(args)
+        .current_dir(root())
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn run_prints_only_the_greedy_answer_on_stdout() {
+    let path = model_path(SMOLLM2);
+    let r = reference("smollm2");
+    let case = &r.chat[0];
+    let out = llmgenie(&[
+        "run",
+        "--model",
+        path.to_str().unwrap(),
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "32",
+        &case.messages[0].content,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), format!("{}\n", case.greedy_text));
+}
+
+#[test]
+fn run_verbose_reports_speed_on_stderr() {
+    let out = llmgenie(&[
+        "run", "-v", "--model", "smollm2", "--temperature", "0", "--max-tokens", "4", "--raw", "Hello",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("tokens/s") && err.contains("loaded smollm2-135m"), "{err}");
+    assert!(!stdout(&out).contains("tokens/s"));
+}
+
+#[test]
+fn inspect_summarises_a_real_model() {
+    let out = llmgenie(&["inspect", "smollm2-135m"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out).to_lowercase();
+    for needle in ["llama", "49152", "q4_1", "chat template"] {
+        assert!(text.contains(needle), "missing {needle} in\n{text}");
+    }
+}
+
+#[test]
+fn malformed_files_get_one_line_and_exit_status_1() {
+    let dir = tempfile::tempdir().unwrap();
+    // Truncated real model: the header promises tensors past the end of the file.
+    let real = std::fs::read(model_path(SMOLLM2)).unwrap();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("truncated.gguf", real[..2 << 20].to_vec()),
+        ("empty.gguf", Vec::new()),
+        ("notgguf.gguf", b"this is not a model file at all".to_vec()),
+    ];
+    for (name, bytes) in cases {
+        let p = dir.path().join(name);
+        std::fs::write(&p, bytes).unwrap();
+        for cmd in ["inspect", "run"] {
+            let args: Vec<&str> = match cmd {
+                "inspect" => vec!["inspect", p.to_str().unwrap()],
+                _ => vec!["run", "--model", p.to_str().unwrap(), "hi"],
+            };
+            let out = llmgenie(&args);
+            let err = stderr(&out);
+            assert_eq!(out.status.code(), Some(1), "{cmd} {name}: {err}");
+            assert_eq!(err.trim_end().lines().count(), 1, "{cmd} {name}: {err}");
+            assert!(err.starts_with("error: ") && !err.contains("panicked"), "{err}");
+        }
+    }
+}
+
+#[test]
+fn unknown_model_lists_the_catalogue() {
+    let out = llmgenie(&["run", "--model", "no-such-model", "hi"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains("unknown model 'no-such-model'") && err.contains("smollm2-135m"), "{err}");
+}
+
+#[test]
+fn list_shows_the_catalogue() {
+    let out = llmgenie(&["list"]);
+    assert!(out.status.success());
+    let text = stdout(&out);
+    assert!(text.contains("smollm2-135m") && text.contains("gemma3-270m") && text.contains("mistral-7b"));
+}
+
+#[test]
+fn bench_json_has_the_documented_keys() {
+    let out = llmgenie(&[
+        "bench", "--model", "smollm2", "--prompt-tokens", "16", "--gen-tokens", "4", "--runs", "1", "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    for key in ["prefill_tokens_per_s", "decode_tokens_per_s", "load_s", "peak_rss_bytes"] {
+        assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key} in {v}");
+    }
+}

@@ -1,0 +1,159 @@
+//! The resident-model thread: streaming events, stop conditions, seeds, cancellation.
+
+use std::time::Duration;
+
+use candle_core::Device;
+use llmgenie::chat::Message;
+use llmgenie::engine::{Engine, EngineError, EngineStats, Event, FinishReason, Finished, GenerateRequest};
+use llmgenie::sampler::SamplingParams;
+
+use crate::util::{model_path, reference, SMOLLM2};
+
+fn engine() -> Engine {
+    Engine::start("smollm2-135m", &model_path(SMOLLM2), Device::Cpu).unwrap()
+}
+
+fn prompt(engine: &Engine, text: &str) -> Vec<u32> {
+    let messages = vec![Message {
+        role: "user".into(),
+        content: text.into(),
+    }];
+    let rendered = engine.template().render(&messages, true).unwrap();
+    engine.tokenizer().encode_prompt(&rendered).unwrap()
+}
+
+/// Collect a request's events: token ids, text, and the final event.
+fn collect(engine: &Engine, request: GenerateRequest) -> (Vec<u32>, String, Finished) {
+    let mut rx = engine.submit(request).unwrap();
+    let (mut ids, mut text) = (Vec::new(), String::new());
+    while let Some(ev) = rx.blocking_recv() {
+        match ev {
+            Event::Token(t) => {
+                ids.push(t.id);
+                text.push_str(&t.text);
+                assert!(t.logprob <= 0.0 && t.logprob.is_finite(), "logprob {}", t.logprob);
+            }
+            Event::Done(d) => return (ids, text, d),
+            Event::Error(e) => panic!("generation failed: {e}"),
+        }
+    }
+    panic!("channel closed without a final event");
+}
+
+fn greedy(prompt: Vec<u32>, max_tokens: usize) -> GenerateRequest {
+    GenerateRequest {
+        prompt,
+        params: SamplingParams::greedy(),
+        max_tokens: Some(max_tokens),
+        stop: Vec::new(),
+    }
+}
+
+#[test]
+fn greedy_stream_reproduces_the_reference_and_its_text() {
+    let e = engine();
+    let r = reference("smollm2");
+    let case = &r.chat[2];
+    let n = case.greedy_ids.len();
+    let (ids, text, done) = collect(&e, greedy(case.prompt_ids.clone(), n));
+    assert_eq!(ids, case.greedy_ids);
+    assert_eq!(text, case.greedy_text);
+    assert_eq!(done.prompt_tokens, case.prompt_ids.len());
+    assert_eq!(done.generated_tokens, ids.len());
+    let expected = if n == 32 { FinishReason::Length } else { FinishReason::Stop };
+    assert_eq!(done.reason, expected);
+}
+
+#[test]
+fn max_tokens_and_stop_strings_end_generation() {
+    let e = engine();
+    let p = prompt(&e, "Write a Python function that adds two numbers.");
+    let (ids, _, done) = collect(&e, greedy(p.clone(), 5));
+    assert_eq!((ids.len(), done.reason), (5, FinishReason::Length));
+
+    // The reference answer starts with "```python\ndef add_numbers": stop at "def".
+    let mut req = greedy(p, 40);
+    req.stop = vec!["def ".into()];
+    let (_, text, done) = collect(&e, req);
+    assert_eq!(done.reason, FinishReason::Stop);
+    assert_eq!(text, "```python\n");
+}
+
+#[test]
+fn same_seed_same_answer() {
+    let e = engine();
+    let p = prompt(&e, "Tell me a story about a cat.");
+    let sampled = |seed| {
+        let req = GenerateRequest {
+            prompt: p.clone(),
+            params: SamplingParams {
+                temperature: 1.0,
+                seed: Some(seed),
+                ..SamplingParams::default()
+            },
+            max_tokens: Some(24),
+            stop: Vec::new(),
+        };
+        collect(&e, req).0
+    };
+    let a = sampled(42);
+    assert_eq!(a, sampled(42));
+    assert_ne!(a, sampled(43));
+}
+
+#[test]
+fn concurrent_requests_each_get_their_own_answer() {
+    let e = engine();
+    let r = reference("smollm2");
+    let receivers: Vec<_> = r.chat[..3]
+        .iter()
+        .map(|c| e.submit(greedy(c.prompt_ids.clone(), 12)).unwrap())
+        .collect();
+    for (rx, case) in receivers.into_iter().zip(&r.chat) {
+        let mut rx = rx;
+        let mut ids = Vec::new();
+        while let Some(ev) = rx.blocking_recv() {
+            match ev {
+                Event::Token(t) => ids.push(t.id),
+                Event::Done(_) => break,
+                Event::Error(err) => panic!("{err}"),
+            }
+        }
+        let n = ids.len();
+        assert_eq!(ids, case.greedy_ids[..n], "interleaved sequences must not mix");
+    }
+}
+
+#[test]
+fn dropping_the_receiver_frees_the_sequence() {
+    let e = engine();
+    let p = prompt(&e, "Count from one to one thousand.");
+    let mut rx = e.submit(greedy(p.clone(), 2000)).unwrap();
+    // Take one token, then walk away.
+    assert!(matches!(rx.blocking_recv(), Some(Event::Token(_))));
+    drop(rx);
+    // The thread notices before its next token and frees the sequence.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while EngineStats::get(&e.stats().cancelled) == 0 {
+        assert!(std::time::Instant::now() < deadline, "sequence was not cancelled");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(EngineStats::get(&e.stats().generated_tokens) < 100);
+    assert_eq!(e.stats().pending.load(std::sync::atomic::Ordering::Relaxed), 0);
+    let (ids, _, _) = collect(&e, greedy(p, 3));
+    assert_eq!(ids.len(), 3);
+    assert_eq!(EngineStats::get(&e.stats().completed), 1);
+}
+
+#[test]
+fn bad_requests_are_rejected_before_queueing() {
+    let e = engine();
+    assert!(matches!(e.submit(greedy(Vec::new(), 1)), Err(EngineError::EmptyPrompt)));
+    let context = e.info().spec.context_length;
+    let err = e.submit(greedy(vec![1; context + 5], 1)).unwrap_err();
+    assert!(matches!(err, EngineError::PromptTooLong { .. }), "{err}");
+    let mut req = greedy(vec![1, 2], 1);
+    req.params.temperature = -1.0;
+    let err = e.submit(req).unwrap_err().to_string();
+    assert!(err.contains("temperature must be between 0 and 2, got -1"), "{err}");
+}

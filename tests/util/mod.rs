@@ -1,0 +1,63 @@
+//! Shared helpers: the real test models and the llama.cpp reference vectors.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A test model's path. The models are fetched by `scripts/fetch_models` (CI does this first);
+/// a missing model is a test failure with instructions, never a silent skip.
+pub fn model_path(file: &str) -> PathBuf {
+    let dir = std::env::var_os("LLMGENIE_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("models"));
+    let p = dir.join(file);
+    assert!(
+        p.is_file(),
+        "{} is missing: run scripts/fetch_models first",
+        p.display()
+    );
+    p
+}
+
+pub const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+pub const GEMMA3: &str = "gemma-3-270m-q4_k_m.gguf";
+
+#[derive(Debug, Deserialize)]
+pub struct Reference {
+    pub tokenize: Vec<TokenizeCase>,
+    pub chat: Vec<ChatCase>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct TokenizeCase {
+    pub text: String,
+    pub ids: Vec<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChatCase {
+    pub messages: Vec<ChatMessage>,
+    pub rendered_prompt: String,
+    pub prompt_ids: Vec<u32>,
+    pub greedy_ids: Vec<u32>,
+    pub greedy_text: String,
+}
+
+/// The llama.cpp reference vectors in `tests/data` (a copy of the team's shared test data).
+pub fn reference(name: &str) -> Reference {
+    let dir = root().join("tests").join("data");
+    let path = dir.join(format!("reference_{name}.json"));
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("bad {}: {e}", path.display()))
+}
