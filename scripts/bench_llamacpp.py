@@ -60,8 +60,11 @@ def one(args):
     llm.eval(prompt)
     prefill = args.prompt_tokens / (time.perf_counter() - t1)
     t2 = time.perf_counter()
+    import numpy as np
+    n_vocab = llm.n_vocab()
     for _ in range(args.gen_tokens):
-        logits = llm.scores[llm.n_tokens - 1]
+        # The last evaluated row (llama-cpp-python keeps no scores without logits_all).
+        logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))
         nxt = int(logits.argmax())
         llm.eval([nxt])
     decode = args.gen_tokens / (time.perf_counter() - t2)

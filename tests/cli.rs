@@ -25,7 +25,9 @@ fn stderr(o: &Output) -> String {
 fn run_prints_only_the_greedy_answer_on_stdout() {
     let path = model_path(SMOLLM2);
     let r = reference("smollm2");
-    let case = &r.chat[0];
+    // The code prompt: our free-running greedy answer equals llama.cpp's for all 32 tokens
+    // (the other prompts part at near-ties, see tests/reference.rs).
+    let case = &r.chat[2];
     let out = llmgenie(&[
         "run",
         "--model",

@@ -105,12 +105,16 @@ fn same_seed_same_answer() {
 fn concurrent_requests_each_get_their_own_answer() {
     let e = engine();
     let r = reference("smollm2");
+    let alone: Vec<Vec<u32>> = r.chat[..3]
+        .iter()
+        .map(|c| collect(&e, greedy(c.prompt_ids.clone(), 12)).0)
+        .collect();
+    // All three at once: the thread interleaves them; each must get exactly its own answer.
     let receivers: Vec<_> = r.chat[..3]
         .iter()
         .map(|c| e.submit(greedy(c.prompt_ids.clone(), 12)).unwrap())
         .collect();
-    for (rx, case) in receivers.into_iter().zip(&r.chat) {
-        let mut rx = rx;
+    for (mut rx, expected) in receivers.into_iter().zip(&alone) {
         let mut ids = Vec::new();
         while let Some(ev) = rx.blocking_recv() {
             match ev {
@@ -119,9 +123,9 @@ fn concurrent_requests_each_get_their_own_answer() {
                 Event::Error(err) => panic!("{err}"),
             }
         }
-        let n = ids.len();
-        assert_eq!(ids, case.greedy_ids[..n], "interleaved sequences must not mix");
+        assert_eq!(&ids, expected, "interleaved sequences must not mix");
     }
+    assert_ne!(alone[0], alone[1]);
 }
 
 #[test]
@@ -142,7 +146,13 @@ fn dropping_the_receiver_frees_the_sequence() {
     assert_eq!(e.stats().pending.load(std::sync::atomic::Ordering::Relaxed), 0);
     let (ids, _, _) = collect(&e, greedy(p, 3));
     assert_eq!(ids.len(), 3);
-    assert_eq!(EngineStats::get(&e.stats().completed), 1);
+    // Counters are updated right after the final event is sent.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while EngineStats::get(&e.stats().completed) != 1 {
+        assert!(std::time::Instant::now() < deadline, "completed count never reached 1");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(EngineStats::get(&e.stats().cancelled), 1);
 }
 
 #[test]

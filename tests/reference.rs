@@ -46,13 +46,41 @@ fn gemma3_tokenizer_and_template_match_llama_cpp() {
     check_tokenizer(GEMMA3, "gemma3");
 }
 
-/// Teacher-forced comparison: feed the reference tokens one by one and require that each is our
-/// greedy choice, or, where two logits are nearly tied, that the reference token's logit is
-/// within `tie` of our best. Also runs free greedy decoding and reports where it parts.
-fn check_greedy(file: &str, name: &str, tie: f32) {
+/// llama.cpp's logits along the reference greedy paths: per case, per step, its top 8
+/// (token, logit) pairs (tests/data/logits_NAME.json, from scripts/make_reference_logits.py).
+fn llama_cpp_logits(name: &str) -> Vec<Vec<Vec<(u32, f32)>>> {
+    #[derive(serde::Deserialize)]
+    struct Step {
+        top: Vec<(u32, f32)>,
+    }
+    #[derive(serde::Deserialize)]
+    struct File {
+        cases: Vec<Vec<Step>>,
+    }
+    let path = crate::util::root().join(format!("tests/data/logits_{name}.json"));
+    let f: File = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    f.cases
+        .into_iter()
+        .map(|c| c.into_iter().map(|s| s.top).collect())
+        .collect()
+}
+
+/// Largest logit gap (in llama.cpp's own logits) between its choice and ours at which the two
+/// engines may part: a near-tie that float summation order decides.
+const NEAR_TIE: f32 = 0.15;
+
+/// Teacher-forced comparison with llama.cpp: feed the prompt, then the reference tokens one at a
+/// time, and at every step compare our logits with llama.cpp's.
+/// - Where our greedy choice differs from llama.cpp's, llama.cpp itself must have seen a near-tie:
+///   our token is in its top 8 within `NEAR_TIE` of its best.
+/// - Relative logits (each token's logit minus the best one's, over llama.cpp's top 8) agree within
+///   `max_diff` everywhere and `mean_diff` on average: a real bug (a wrong activation, rope or
+///   mask) moves them by whole units.
+fn check_greedy(file: &str, name: &str, max_diff: f32, mean_diff: f32) {
     let loaded = model::load(&model_path(file), &Device::Cpu).unwrap();
     let r = reference(name);
-    let mut near_ties = 0;
+    let theirs = llama_cpp_logits(name);
+    let (mut sum, mut n, mut max, mut parted) = (0f32, 0usize, 0f32, 0usize);
     for (ci, case) in r.chat.iter().enumerate() {
         let mut cache = loaded.weights.new_cache();
         let mut logits: Vec<f32> = loaded
@@ -62,32 +90,47 @@ fn check_greedy(file: &str, name: &str, tie: f32) {
             .to_vec1()
             .unwrap();
         for (step, &want) in case.greedy_ids.iter().enumerate() {
-            let (best, best_logit) = logits
+            let top = &theirs[ci][step];
+            assert_eq!(top[0].0, want, "{name} case {ci} step {step}: logits file out of date");
+            let ours_best = logits
                 .iter()
                 .enumerate()
-                .fold((0usize, f32::NEG_INFINITY), |acc, (i, &l)| if l > acc.1 { (i, l) } else { acc });
-            if best as u32 != want {
-                let gap = best_logit - logits[want as usize];
+                .fold((0usize, f32::NEG_INFINITY), |a, (i, &l)| if l > a.1 { (i, l) } else { a })
+                .0 as u32;
+            if ours_best != want {
+                parted += 1;
+                let gap = top
+                    .iter()
+                    .find(|(t, _)| *t == ours_best)
+                    .map(|(_, l)| top[0].1 - l);
                 assert!(
-                    gap <= tie,
-                    "{name} case {ci} step {step}: llama.cpp chose {want}, we chose {best} (logit gap {gap:.4} > {tie})"
+                    gap.is_some_and(|g| g <= NEAR_TIE),
+                    "{name} case {ci} step {step}: llama.cpp chose {want}, we chose {ours_best}; \
+                     llama.cpp's gap to our choice is {gap:?} (near-tie limit {NEAR_TIE})"
                 );
-                near_ties += 1;
+            }
+            let ours_ref = logits[want as usize];
+            for &(t, l) in top {
+                let d = ((logits[t as usize] - ours_ref) - (l - top[0].1)).abs();
+                max = max.max(d);
+                sum += d;
+                n += 1;
             }
             logits = loaded.weights.forward(&[want], &mut cache).unwrap().to_vec1().unwrap();
         }
     }
-    // Near-ties are allowed but must stay rare.
-    let total: usize = r.chat.iter().map(|c| c.greedy_ids.len()).sum();
-    assert!(near_ties * 20 <= total, "{name}: {near_ties} near-ties in {total} steps");
+    let mean = sum / n as f32;
+    eprintln!("{name}: relative logit difference to llama.cpp: mean {mean:.4}, max {max:.4}; parted at {parted} near-ties");
+    assert!(max <= max_diff, "{name}: max relative logit difference {max} > {max_diff}");
+    assert!(mean <= mean_diff, "{name}: mean relative logit difference {mean} > {mean_diff}");
 }
 
 #[test]
 fn smollm2_greedy_matches_llama_cpp() {
-    check_greedy(SMOLLM2, "smollm2", 0.05);
+    check_greedy(SMOLLM2, "smollm2", 1.0, 0.2);
 }
 
 #[test]
 fn gemma3_greedy_matches_llama_cpp() {
-    check_greedy(GEMMA3, "gemma3", 0.05);
+    check_greedy(GEMMA3, "gemma3", 1.2, 0.2);
 }
