@@ -50,7 +50,8 @@ pub struct BenchReport {
 }
 
 /// Text repeated to build a prompt of an exact token count.
-const FILLER: &str = "The history of computing is a story of people who wanted to calculate faster. \
+const FILLER: &str =
+    "The history of computing is a story of people who wanted to calculate faster. \
 Early machines used gears and levers; later ones used relays, vacuum tubes and transistors. \
 Each generation made the previous one look slow, and each brought new questions about what \
 a machine should do, who should program it, and how its answers could be trusted. ";
@@ -81,7 +82,12 @@ fn median(mut v: Vec<f64>) -> f64 {
 ///
 /// # Errors
 /// The model does not load, or the prompt and generation do not fit its context.
-pub fn run(path: &Path, name: &str, device: &Device, cfg: &BenchConfig) -> Result<BenchReport, BenchError> {
+pub fn run(
+    path: &Path,
+    name: &str,
+    device: &Device,
+    cfg: &BenchConfig,
+) -> Result<BenchReport, BenchError> {
     if cfg.runs == 0 {
         return Err(BenchError::NoRuns);
     }
@@ -110,7 +116,10 @@ pub fn run(path: &Path, name: &str, device: &Device, cfg: &BenchConfig) -> Resul
         let t1 = Instant::now();
         let mut logits = Vec::new();
         for chunk in prompt.chunks(512) {
-            logits = weights.forward(chunk, &mut cache)?.to_vec1::<f32>().map_err(ModelError::from)?;
+            logits = weights
+                .forward(chunk, &mut cache)?
+                .to_vec1::<f32>()
+                .map_err(ModelError::from)?;
         }
         prefill.push(cfg.prompt_tokens as f64 / t1.elapsed().as_secs_f64());
         let mut sampler = Sampler::new(SamplingParams::greedy());
@@ -119,7 +128,10 @@ pub fn run(path: &Path, name: &str, device: &Device, cfg: &BenchConfig) -> Resul
         for _ in 0..cfg.gen_tokens {
             let next = sampler.sample(&logits, &history).map_or(0, |s| s.token);
             history.push(next);
-            logits = weights.forward(&[next], &mut cache)?.to_vec1::<f32>().map_err(ModelError::from)?;
+            logits = weights
+                .forward(&[next], &mut cache)?
+                .to_vec1::<f32>()
+                .map_err(ModelError::from)?;
         }
         let secs = t2.elapsed().max(Duration::from_nanos(1)).as_secs_f64();
         decode.push(cfg.gen_tokens as f64 / secs);

@@ -118,7 +118,11 @@ impl Catalog {
     /// # Errors
     /// An unknown name, a catalogue model that is not downloaded, or a missing file.
     pub fn resolve(&self, arg: &str) -> Result<(String, PathBuf), CatalogError> {
-        let arg = if arg.is_empty() { self.default.as_str() } else { arg };
+        let arg = if arg.is_empty() {
+            self.default.as_str()
+        } else {
+            arg
+        };
         if let Some(entry) = self.find(arg) {
             let path = self.path_of(entry);
             if path.is_file() {
@@ -157,7 +161,13 @@ mod tests {
     fn builtin_catalogue_parses_and_has_the_test_models() {
         let cat = Catalog::parse(BUILTIN, "builtin", Path::new("models")).unwrap();
         assert_eq!(cat.default, "smollm2-135m");
-        for name in ["smollm2-135m", "gemma3-270m", "qwen2.5-0.5b", "mistral-7b", "codellama-7b"] {
+        for name in [
+            "smollm2-135m",
+            "gemma3-270m",
+            "qwen2.5-0.5b",
+            "mistral-7b",
+            "codellama-7b",
+        ] {
             assert!(cat.find(name).is_some(), "{name} missing");
         }
         assert_eq!(cat.find("SmolLM2").unwrap().name, "smollm2-135m");
@@ -174,7 +184,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cat = Catalog::parse(BUILTIN, "builtin", dir.path()).unwrap();
         let e = cat.resolve("nope").unwrap_err().to_string();
-        assert!(e.contains("unknown model 'nope'") && e.contains("smollm2-135m"), "{e}");
+        assert!(
+            e.contains("unknown model 'nope'") && e.contains("smollm2-135m"),
+            "{e}"
+        );
         let e = cat.resolve("").unwrap_err().to_string();
         assert!(e.contains("llmgenie pull smollm2-135m"), "{e}");
         let e = cat.resolve("missing.gguf").unwrap_err().to_string();
@@ -191,6 +204,8 @@ mod tests {
     #[test]
     fn bad_catalogue_is_a_clear_error() {
         let e = Catalog::parse("default = 3", "x.toml", Path::new(".")).unwrap_err();
-        assert!(e.to_string().starts_with("cannot parse model catalogue x.toml"));
+        assert!(e
+            .to_string()
+            .starts_with("cannot parse model catalogue x.toml"));
     }
 }

@@ -134,7 +134,9 @@ impl Sampler {
         } else {
             self.draw(&adjusted)?
         };
-        let logprob = logits.get(token as usize).map_or(f32::NEG_INFINITY, |l| l - max - log_z);
+        let logprob = logits
+            .get(token as usize)
+            .map_or(f32::NEG_INFINITY, |l| l - max - log_z);
         let top = if self.params.top_logprobs > 0 {
             top_n(logits, self.params.top_logprobs)
                 .into_iter()
@@ -192,7 +194,8 @@ impl Sampler {
         if c.is_empty() {
             return None;
         }
-        let by_logit_desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        let by_logit_desc =
+            |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         if p.top_k > 0 && p.top_k < c.len() {
             c.select_nth_unstable_by(p.top_k - 1, by_logit_desc);
             c.truncate(p.top_k);
@@ -412,8 +415,10 @@ mod tests {
 
     #[test]
     fn validation_names_the_field() {
-        let mut p = SamplingParams::default();
-        p.temperature = -1.0;
+        let mut p = SamplingParams {
+            temperature: -1.0,
+            ..SamplingParams::default()
+        };
         assert_eq!(
             p.validate().unwrap_err(),
             "temperature must be between 0 and 2, got -1"

@@ -26,19 +26,32 @@ pub fn vocab_source(file: &GgufFile) -> Result<VocabSource, TokenizerError> {
         match file.get_array(key).map_err(gguf_err)? {
             None => Ok(None),
             Some(Array::String(v)) => Ok(Some(v.clone())),
-            Some(_) => Err(TokenizerError::Metadata(format!("{key} must be an array of strings"))),
+            Some(_) => Err(TokenizerError::Metadata(format!(
+                "{key} must be an array of strings"
+            ))),
         }
     };
     let scores = match file.get_array("tokenizer.ggml.scores").map_err(gguf_err)? {
         None => None,
         Some(Array::F32(v)) => Some(v.clone()),
-        Some(_) => return Err(TokenizerError::Metadata("tokenizer.ggml.scores must be an array of f32".into())),
+        Some(_) => {
+            return Err(TokenizerError::Metadata(
+                "tokenizer.ggml.scores must be an array of f32".into(),
+            ))
+        }
     };
-    let token_types = match file.get_array("tokenizer.ggml.token_type").map_err(gguf_err)? {
+    let token_types = match file
+        .get_array("tokenizer.ggml.token_type")
+        .map_err(gguf_err)?
+    {
         None => None,
         Some(Array::I32(v)) => Some(v.clone()),
         Some(Array::U32(v)) => Some(v.iter().map(|&x| x as i32).collect()),
-        Some(_) => return Err(TokenizerError::Metadata("tokenizer.ggml.token_type must be an array of i32".into())),
+        Some(_) => {
+            return Err(TokenizerError::Metadata(
+                "tokenizer.ggml.token_type must be an array of i32".into(),
+            ))
+        }
     };
     Ok(VocabSource {
         model: file
@@ -46,7 +59,10 @@ pub fn vocab_source(file: &GgufFile) -> Result<VocabSource, TokenizerError> {
             .map_err(gguf_err)?
             .unwrap_or("gpt2")
             .to_string(),
-        pre: file.get_str("tokenizer.ggml.pre").map_err(gguf_err)?.map(str::to_string),
+        pre: file
+            .get_str("tokenizer.ggml.pre")
+            .map_err(gguf_err)?
+            .map(str::to_string),
         tokens: strings("tokenizer.ggml.tokens")?.unwrap_or_default(),
         scores,
         token_types,
@@ -57,9 +73,15 @@ pub fn vocab_source(file: &GgufFile) -> Result<VocabSource, TokenizerError> {
         eom_id: id(file, "tokenizer.ggml.eom_token_id")?,
         unk_id: id(file, "tokenizer.ggml.unknown_token_id")?,
         pad_id: id(file, "tokenizer.ggml.padding_token_id")?,
-        add_bos: file.get_bool("tokenizer.ggml.add_bos_token").map_err(gguf_err)?,
-        add_eos: file.get_bool("tokenizer.ggml.add_eos_token").map_err(gguf_err)?,
-        add_space_prefix: file.get_bool("tokenizer.ggml.add_space_prefix").map_err(gguf_err)?,
+        add_bos: file
+            .get_bool("tokenizer.ggml.add_bos_token")
+            .map_err(gguf_err)?,
+        add_eos: file
+            .get_bool("tokenizer.ggml.add_eos_token")
+            .map_err(gguf_err)?,
+        add_space_prefix: file
+            .get_bool("tokenizer.ggml.add_space_prefix")
+            .map_err(gguf_err)?,
     })
 }
 
@@ -75,7 +97,10 @@ pub fn tokenizer_from_gguf(file: &GgufFile) -> Result<GgufTokenizer, TokenizerEr
 ///
 /// # Errors
 /// The file's template does not compile.
-pub fn template_from_gguf(file: &GgufFile, tokenizer: &GgufTokenizer) -> Result<ChatTemplate, ChatError> {
+pub fn template_from_gguf(
+    file: &GgufFile,
+    tokenizer: &GgufTokenizer,
+) -> Result<ChatTemplate, ChatError> {
     let source = file.get_str("tokenizer.chat_template").ok().flatten();
     let arch = file.architecture().unwrap_or("llama");
     ChatTemplate::new(source, arch, tokenizer.bos_text(), tokenizer.eos_text())

@@ -45,11 +45,23 @@ fn run_prints_only_the_greedy_answer_on_stdout() {
 #[test]
 fn run_verbose_reports_speed_on_stderr() {
     let out = llmgenie(&[
-        "run", "-v", "--model", "smollm2", "--temperature", "0", "--max-tokens", "4", "--raw", "Hello",
+        "run",
+        "-v",
+        "--model",
+        "smollm2",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "4",
+        "--raw",
+        "Hello",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let err = stderr(&out);
-    assert!(err.contains("tokens/s") && err.contains("loaded smollm2-135m"), "{err}");
+    assert!(
+        err.contains("tokens/s") && err.contains("loaded smollm2-135m"),
+        "{err}"
+    );
     assert!(!stdout(&out).contains("tokens/s"));
 }
 
@@ -85,7 +97,10 @@ fn malformed_files_get_one_line_and_exit_status_1() {
             let err = stderr(&out);
             assert_eq!(out.status.code(), Some(1), "{cmd} {name}: {err}");
             assert_eq!(err.trim_end().lines().count(), 1, "{cmd} {name}: {err}");
-            assert!(err.starts_with("error: ") && !err.contains("panicked"), "{err}");
+            assert!(
+                err.starts_with("error: ") && !err.contains("panicked"),
+                "{err}"
+            );
         }
     }
 }
@@ -95,7 +110,10 @@ fn unknown_model_lists_the_catalogue() {
     let out = llmgenie(&["run", "--model", "no-such-model", "hi"]);
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
-    assert!(err.contains("unknown model 'no-such-model'") && err.contains("smollm2-135m"), "{err}");
+    assert!(
+        err.contains("unknown model 'no-such-model'") && err.contains("smollm2-135m"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -103,17 +121,35 @@ fn list_shows_the_catalogue() {
     let out = llmgenie(&["list"]);
     assert!(out.status.success());
     let text = stdout(&out);
-    assert!(text.contains("smollm2-135m") && text.contains("gemma3-270m") && text.contains("mistral-7b"));
+    assert!(
+        text.contains("smollm2-135m")
+            && text.contains("gemma3-270m")
+            && text.contains("mistral-7b")
+    );
 }
 
 #[test]
 fn bench_json_has_the_documented_keys() {
     let out = llmgenie(&[
-        "bench", "--model", "smollm2", "--prompt-tokens", "16", "--gen-tokens", "4", "--runs", "1", "--json",
+        "bench",
+        "--model",
+        "smollm2",
+        "--prompt-tokens",
+        "16",
+        "--gen-tokens",
+        "4",
+        "--runs",
+        "1",
+        "--json",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let v: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
-    for key in ["prefill_tokens_per_s", "decode_tokens_per_s", "load_s", "peak_rss_bytes"] {
+    for key in [
+        "prefill_tokens_per_s",
+        "decode_tokens_per_s",
+        "load_s",
+        "peak_rss_bytes",
+    ] {
         assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key} in {v}");
     }
 }

@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use candle_core::Device;
 use llmgenie::chat::Message;
-use llmgenie::engine::{Engine, EngineError, EngineStats, Event, FinishReason, Finished, GenerateRequest};
+use llmgenie::engine::{
+    Engine, EngineError, EngineStats, Event, FinishReason, Finished, GenerateRequest,
+};
 use llmgenie::sampler::SamplingParams;
 
 use crate::util::{model_path, reference, SMOLLM2};
@@ -31,7 +33,11 @@ fn collect(engine: &Engine, request: GenerateRequest) -> (Vec<u32>, String, Fini
             Event::Token(t) => {
                 ids.push(t.id);
                 text.push_str(&t.text);
-                assert!(t.logprob <= 0.0 && t.logprob.is_finite(), "logprob {}", t.logprob);
+                assert!(
+                    t.logprob <= 0.0 && t.logprob.is_finite(),
+                    "logprob {}",
+                    t.logprob
+                );
             }
             Event::Done(d) => return (ids, text, d),
             Event::Error(e) => panic!("generation failed: {e}"),
@@ -60,7 +66,11 @@ fn greedy_stream_reproduces_the_reference_and_its_text() {
     assert_eq!(text, case.greedy_text);
     assert_eq!(done.prompt_tokens, case.prompt_ids.len());
     assert_eq!(done.generated_tokens, ids.len());
-    let expected = if n == 32 { FinishReason::Length } else { FinishReason::Stop };
+    let expected = if n == 32 {
+        FinishReason::Length
+    } else {
+        FinishReason::Stop
+    };
     assert_eq!(done.reason, expected);
 }
 
@@ -139,17 +149,26 @@ fn dropping_the_receiver_frees_the_sequence() {
     // The thread notices before its next token and frees the sequence.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while EngineStats::get(&e.stats().cancelled) == 0 {
-        assert!(std::time::Instant::now() < deadline, "sequence was not cancelled");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sequence was not cancelled"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     assert!(EngineStats::get(&e.stats().generated_tokens) < 100);
-    assert_eq!(e.stats().pending.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(
+        e.stats().pending.load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
     let (ids, _, _) = collect(&e, greedy(p, 3));
     assert_eq!(ids.len(), 3);
     // Counters are updated right after the final event is sent.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while EngineStats::get(&e.stats().completed) != 1 {
-        assert!(std::time::Instant::now() < deadline, "completed count never reached 1");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "completed count never reached 1"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     assert_eq!(EngineStats::get(&e.stats().cancelled), 1);
@@ -158,12 +177,18 @@ fn dropping_the_receiver_frees_the_sequence() {
 #[test]
 fn bad_requests_are_rejected_before_queueing() {
     let e = engine();
-    assert!(matches!(e.submit(greedy(Vec::new(), 1)), Err(EngineError::EmptyPrompt)));
+    assert!(matches!(
+        e.submit(greedy(Vec::new(), 1)),
+        Err(EngineError::EmptyPrompt)
+    ));
     let context = e.info().spec.context_length;
     let err = e.submit(greedy(vec![1; context + 5], 1)).unwrap_err();
     assert!(matches!(err, EngineError::PromptTooLong { .. }), "{err}");
     let mut req = greedy(vec![1, 2], 1);
     req.params.temperature = -1.0;
     let err = e.submit(req).unwrap_err().to_string();
-    assert!(err.contains("temperature must be between 0 and 2, got -1"), "{err}");
+    assert!(
+        err.contains("temperature must be between 0 and 2, got -1"),
+        "{err}"
+    );
 }

@@ -23,6 +23,12 @@ fn a_damaged_file_is_an_error_for_the_engine_not_a_crash() {
     bytes.truncate(bytes.len() - 1000);
     let p = dir.path().join("cut.gguf");
     std::fs::write(&p, &bytes).unwrap();
-    let err = Engine::start("cut", &p, Device::Cpu).err().unwrap().to_string();
-    assert!(err.contains("exceeds file size") || err.contains("past the end"), "{err}");
+    let err = Engine::start("cut", &p, Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("exceeds file size") || err.contains("past the end"),
+        "{err}"
+    );
 }

@@ -26,7 +26,11 @@ fn check_tokenizer(file: &str, name: &str) {
     for case in &r.tokenize {
         let ids = tok.encode(&case.text, false).unwrap();
         assert_eq!(ids, case.ids, "{name}: tokenizing {:?}", case.text);
-        assert_eq!(tok.decode(&ids, false).unwrap(), case.text, "{name}: round trip");
+        assert_eq!(
+            tok.decode(&ids, false).unwrap(),
+            case.text,
+            "{name}: round trip"
+        );
     }
     for case in &r.chat {
         let rendered = template.render(&messages(case), true).unwrap();
@@ -91,11 +95,20 @@ fn check_greedy(file: &str, name: &str, max_diff: f32, mean_diff: f32) {
             .unwrap();
         for (step, &want) in case.greedy_ids.iter().enumerate() {
             let top = &theirs[ci][step];
-            assert_eq!(top[0].0, want, "{name} case {ci} step {step}: logits file out of date");
+            assert_eq!(
+                top[0].0, want,
+                "{name} case {ci} step {step}: logits file out of date"
+            );
             let ours_best = logits
                 .iter()
                 .enumerate()
-                .fold((0usize, f32::NEG_INFINITY), |a, (i, &l)| if l > a.1 { (i, l) } else { a })
+                .fold((0usize, f32::NEG_INFINITY), |a, (i, &l)| {
+                    if l > a.1 {
+                        (i, l)
+                    } else {
+                        a
+                    }
+                })
                 .0 as u32;
             if ours_best != want {
                 parted += 1;
@@ -116,13 +129,24 @@ fn check_greedy(file: &str, name: &str, max_diff: f32, mean_diff: f32) {
                 sum += d;
                 n += 1;
             }
-            logits = loaded.weights.forward(&[want], &mut cache).unwrap().to_vec1().unwrap();
+            logits = loaded
+                .weights
+                .forward(&[want], &mut cache)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
         }
     }
     let mean = sum / n as f32;
     eprintln!("{name}: relative logit difference to llama.cpp: mean {mean:.4}, max {max:.4}; parted at {parted} near-ties");
-    assert!(max <= max_diff, "{name}: max relative logit difference {max} > {max_diff}");
-    assert!(mean <= mean_diff, "{name}: mean relative logit difference {mean} > {mean_diff}");
+    assert!(
+        max <= max_diff,
+        "{name}: max relative logit difference {max} > {max_diff}"
+    );
+    assert!(
+        mean <= mean_diff,
+        "{name}: mean relative logit difference {mean} > {mean_diff}"
+    );
 }
 
 #[test]

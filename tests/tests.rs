@@ -1,5 +1,7 @@
 //! Integration tests: the real models, the real binary, the llama.cpp reference vectors.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod util;
 
 mod cli;

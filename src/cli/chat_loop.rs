@@ -14,7 +14,10 @@ pub fn interactive(engine: &Engine, args: &RunArgs, verbose: bool) -> Result<()>
     if let Some(system) = &args.system {
         messages.push(Message::new("system", system));
     }
-    eprintln!("chatting with {} (empty line or Ctrl-D to quit, /clear to forget)", engine.info().name);
+    eprintln!(
+        "chatting with {} (empty line or Ctrl-D to quit, /clear to forget)",
+        engine.info().name
+    );
     let stdin = std::io::stdin();
     let mut lines = stdin.lock().lines();
     loop {
@@ -34,7 +37,9 @@ pub fn interactive(engine: &Engine, args: &RunArgs, verbose: bool) -> Result<()>
         let ids = if args.raw {
             engine.tokenizer().encode_prompt(line)?
         } else {
-            engine.tokenizer().encode_prompt(&engine.template().render(&messages, true)?)?
+            engine
+                .tokenizer()
+                .encode_prompt(&engine.template().render(&messages, true)?)?
         };
         let answer = generate(engine, args, ids, verbose)?;
         println!();

@@ -97,7 +97,12 @@ fn run(args: RunArgs, verbose: bool) -> Result<()> {
 }
 
 /// Stream one answer to stdout; returns the text.
-pub(super) fn generate(engine: &Engine, args: &RunArgs, prompt: Vec<u32>, verbose: bool) -> Result<String> {
+pub(super) fn generate(
+    engine: &Engine,
+    args: &RunArgs,
+    prompt: Vec<u32>,
+    verbose: bool,
+) -> Result<String> {
     let request = GenerateRequest {
         prompt,
         params: args.sampling.params(),
@@ -116,7 +121,8 @@ pub(super) fn generate(engine: &Engine, args: &RunArgs, prompt: Vec<u32>, verbos
             }
             Event::Done(done) => {
                 if verbose {
-                    let rate = |n: usize, d: std::time::Duration| n as f64 / d.as_secs_f64().max(1e-9);
+                    let rate =
+                        |n: usize, d: std::time::Duration| n as f64 / d.as_secs_f64().max(1e-9);
                     eprintln!(
                         "\n[prompt {} tokens, {:.1} tokens/s; generated {} tokens, {:.1} tokens/s; finish: {}]",
                         done.prompt_tokens,
@@ -157,9 +163,20 @@ fn pull(name: &str, dir: Option<PathBuf>) -> Result<()> {
 fn list(dir: Option<PathBuf>) -> Result<()> {
     let cat = catalog(dir)?;
     for e in &cat.models {
-        let present = if cat.path_of(e).is_file() { "downloaded" } else { "-" };
-        let default = if e.name == cat.default { " (default)" } else { "" };
-        println!("{:<16} {:<11} {}{}", e.name, present, e.description, default);
+        let present = if cat.path_of(e).is_file() {
+            "downloaded"
+        } else {
+            "-"
+        };
+        let default = if e.name == cat.default {
+            " (default)"
+        } else {
+            ""
+        };
+        println!(
+            "{:<16} {:<11} {}{}",
+            e.name, present, e.description, default
+        );
     }
     Ok(())
 }
@@ -182,10 +199,19 @@ fn bench(args: BenchArgs) -> Result<()> {
         println!("prompt tokens    {}", report.prompt_tokens);
         println!("generated tokens {}", report.gen_tokens);
         println!("runs             {}", report.runs);
-        println!("prefill          {:.1} tokens/s", report.prefill_tokens_per_s);
-        println!("decode           {:.1} tokens/s", report.decode_tokens_per_s);
+        println!(
+            "prefill          {:.1} tokens/s",
+            report.prefill_tokens_per_s
+        );
+        println!(
+            "decode           {:.1} tokens/s",
+            report.decode_tokens_per_s
+        );
         println!("load             {:.3} s", report.load_s);
-        println!("peak RSS         {:.1} MiB", report.peak_rss_bytes as f64 / (1024.0 * 1024.0));
+        println!(
+            "peak RSS         {:.1} MiB",
+            report.peak_rss_bytes as f64 / (1024.0 * 1024.0)
+        );
     }
     Ok(())
 }

@@ -12,7 +12,11 @@ use llmgenie::sampler::SamplingParams;
 pub use commands::dispatch;
 
 #[derive(Parser, Debug)]
-#[command(name = "llmgenie", version, about = "In-process GGUF inference engine with an Ollama/OpenAI-compatible API")]
+#[command(
+    name = "llmgenie",
+    version,
+    about = "In-process GGUF inference engine with an Ollama/OpenAI-compatible API"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -142,7 +146,11 @@ pub struct BenchArgs {
 
 /// Logs go to stderr; `RUST_LOG` overrides the level.
 pub fn init_logging(verbose: bool) {
-    let default = if verbose { "llmgenie=info" } else { "llmgenie=warn" };
+    let default = if verbose {
+        "llmgenie=info"
+    } else {
+        "llmgenie=warn"
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()

@@ -1,21 +1,24 @@
 //! The model thread: loads the weights, then advances every active sequence in turn.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use tokio::sync::mpsc;
 
-use super::{Command, EngineError, EngineStats, Event, FinishReason, Finished, GenerateRequest, ModelInfo, Ready, TokenEvent};
+use super::{
+    Command, EngineError, EngineStats, Event, FinishReason, Finished, GenerateRequest, ModelInfo,
+    Ready, TokenEvent,
+};
 use crate::chat::ChatTemplate;
 use crate::model::{self, KvCache, Transformer};
 use crate::sampler::Sampler;
 use crate::stop::{StopMatcher, StopOutcome};
-use crate::vocab;
 use crate::tokenizer::{GgufTokenizer, IncrementalDecoder};
+use crate::vocab;
 
 /// Prompt tokens evaluated per step, so a long prompt does not stall other sequences and the
 /// attention scores of one step stay small.
@@ -51,13 +54,18 @@ pub(super) fn run(
 
 type Loaded = (Transformer, GgufTokenizer, ModelInfo, ChatTemplate);
 
-fn load(name: &str, path: &PathBuf, device: &Device, started: Instant) -> Result<Loaded, EngineError> {
+fn load(
+    name: &str,
+    path: &Path,
+    device: &Device,
+    started: Instant,
+) -> Result<Loaded, EngineError> {
     let loaded = model::load(path, device)?;
     let tokenizer = vocab::tokenizer_from_gguf(&loaded.file)?;
     let template = vocab::template_from_gguf(&loaded.file, &tokenizer)?;
     let info = ModelInfo {
         name: name.to_string(),
-        path: path.clone(),
+        path: path.to_path_buf(),
         spec: loaded.spec,
         file_size: loaded.file.file_size,
         load_time: started.elapsed(),
@@ -115,7 +123,11 @@ fn serve(
             };
             match cmd {
                 Command::Shutdown => return,
-                Command::Generate { request, events, submitted } => {
+                Command::Generate {
+                    request,
+                    events,
+                    submitted,
+                } => {
                     active.push(Sequence {
                         cache: weights.new_cache(),
                         sampler: Sampler::new(request.params.clone()),
@@ -158,8 +170,13 @@ fn serve(
                 Step::Failed => &stats.failed,
             };
             counter.fetch_add(1, Ordering::Relaxed);
-            stats.prompt_tokens.fetch_add(seq.evaluated.min(seq.request.prompt.len()) as u64, Ordering::Relaxed);
-            stats.generated_tokens.fetch_add(seq.generated as u64, Ordering::Relaxed);
+            stats.prompt_tokens.fetch_add(
+                seq.evaluated.min(seq.request.prompt.len()) as u64,
+                Ordering::Relaxed,
+            );
+            stats
+                .generated_tokens
+                .fetch_add(seq.generated as u64, Ordering::Relaxed);
             stats.pending.fetch_sub(1, Ordering::Relaxed);
             false
         });
@@ -168,7 +185,11 @@ fn serve(
 }
 
 /// Advance one sequence by one prompt chunk or one generated token.
-fn step(weights: &Transformer, tokenizer: &GgufTokenizer, seq: &mut Sequence<'_>) -> Result<Step, EngineError> {
+fn step(
+    weights: &Transformer,
+    tokenizer: &GgufTokenizer,
+    seq: &mut Sequence<'_>,
+) -> Result<Step, EngineError> {
     let prompt_len = seq.request.prompt.len();
     let end = if seq.evaluated < prompt_len {
         (seq.evaluated + PREFILL_CHUNK).min(prompt_len)

@@ -54,7 +54,9 @@ pub fn config_for(spec: &ModelSpec) -> Result<Config, ModelError> {
     let head_dim = spec.key_length;
     let (rope_style, activation, scale_embeddings, sliding) = match spec.architecture {
         Architecture::Llama => (RopeStyle::Interleaved, Activation::Silu, false, None),
-        Architecture::Qwen2 | Architecture::Qwen3 => (RopeStyle::Neox, Activation::Silu, false, None),
+        Architecture::Qwen2 | Architecture::Qwen3 => {
+            (RopeStyle::Neox, Activation::Silu, false, None)
+        }
         // Five sliding layers, then one global (llama.cpp `set_swa_pattern(6)`).
         Architecture::Gemma3 => (
             RopeStyle::Neox,
@@ -99,7 +101,11 @@ impl TensorSource for GgufTensors {
         if !self.content.tensor_infos.contains_key(name) {
             return Ok(None);
         }
-        Ok(Some(self.content.tensor(&mut self.reader, name, &self.device)?))
+        Ok(Some(self.content.tensor(
+            &mut self.reader,
+            name,
+            &self.device,
+        )?))
     }
 }
 

@@ -143,7 +143,11 @@ impl Transformer {
         };
         let out_norm = dense(required(src, "output_norm.weight")?, device)?;
         let rope_freqs = match src.load("rope_freqs.weight")? {
-            Some(t) => Some(t.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?),
+            Some(t) => Some(
+                t.dequantize(&Device::Cpu)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+            ),
             None => None,
         };
         let mut layers = Vec::with_capacity(cfg.n_layers);
@@ -307,13 +311,16 @@ impl Transformer {
     ) -> Result<Tensor, ModelError> {
         let cfg = &self.cfg;
         let (b, seq_len, _) = x.dims3()?;
-        let project = |w: &QMatMul, bias: &Option<Tensor>, heads: usize| -> candle_core::Result<Tensor> {
-            let mut t = w.forward(x)?;
-            if let Some(bias) = bias {
-                t = t.broadcast_add(bias)?;
-            }
-            t.reshape((b, seq_len, heads, cfg.head_dim))?.transpose(1, 2)?.contiguous()
-        };
+        let project =
+            |w: &QMatMul, bias: &Option<Tensor>, heads: usize| -> candle_core::Result<Tensor> {
+                let mut t = w.forward(x)?;
+                if let Some(bias) = bias {
+                    t = t.broadcast_add(bias)?;
+                }
+                t.reshape((b, seq_len, heads, cfg.head_dim))?
+                    .transpose(1, 2)?
+                    .contiguous()
+            };
         let mut q = project(&layer.wq, &layer.bq, cfg.n_heads)?;
         let mut k = project(&layer.wk, &layer.bk, cfg.n_kv_heads)?;
         let v = project(&layer.wv, &layer.bv, cfg.n_kv_heads)?;
