@@ -127,12 +127,17 @@ impl Sampler {
     /// Returns `None` only for empty or all-NaN logits.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> Option<Sampled> {
         let (max, log_z) = log_normaliser(logits)?;
-        let mut adjusted = logits.to_vec();
-        self.apply_penalties(&mut adjusted, history);
+        // Copy the logits only when a penalty will change them.
+        let penalised = self.has_penalties().then(|| {
+            let mut adjusted = logits.to_vec();
+            self.apply_penalties(&mut adjusted, history);
+            adjusted
+        });
+        let adjusted = penalised.as_deref().unwrap_or(logits);
         let token = if self.params.temperature <= 0.0 {
-            argmax(&adjusted)?
+            argmax(adjusted)?
         } else {
-            self.draw(&adjusted)?
+            self.draw(adjusted)?
         };
         let logprob = logits
             .get(token as usize)
@@ -152,14 +157,15 @@ impl Sampler {
         })
     }
 
+    fn has_penalties(&self) -> bool {
+        let p = &self.params;
+        p.repeat_last_n > 0
+            && (p.repeat_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0)
+    }
+
     fn apply_penalties(&self, logits: &mut [f32], history: &[u32]) {
         let p = &self.params;
         let no_repeat = p.repeat_penalty == 1.0;
-        if p.repeat_last_n == 0
-            || (no_repeat && p.presence_penalty == 0.0 && p.frequency_penalty == 0.0)
-        {
-            return;
-        }
         let recent = &history[history.len().saturating_sub(p.repeat_last_n)..];
         let mut counts: HashMap<u32, u32> = HashMap::new();
         for &t in recent {

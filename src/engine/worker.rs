@@ -54,12 +54,7 @@ pub(super) fn run(
 
 type Loaded = (Transformer, GgufTokenizer, ModelInfo, ChatTemplate);
 
-fn load(
-    name: &str,
-    path: &Path,
-    device: &Device,
-    started: Instant,
-) -> Result<Loaded, EngineError> {
+fn load(name: &str, path: &Path, device: &Device, started: Instant) -> Result<Loaded, EngineError> {
     let loaded = model::load(path, device)?;
     let tokenizer = vocab::tokenizer_from_gguf(&loaded.file)?;
     let template = vocab::template_from_gguf(&loaded.file, &tokenizer)?;

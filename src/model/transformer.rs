@@ -20,7 +20,6 @@ use std::sync::Arc;
 
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_transformers::utils::repeat_kv;
 
 use super::cache::KvCache;
 use super::ModelError;
@@ -101,6 +100,17 @@ pub struct Transformer {
     /// Per-dimension rope frequency divisors (Llama 3.1 `rope_freqs.weight`), if the file has them.
     rope_freqs: Option<Vec<f32>>,
     device: Device,
+}
+
+/// State shared by the layers of one forward call: positions, the sequence's cache, and the
+/// rope tables and masks, which depend only on positions and so are built once per call.
+struct Pass<'c> {
+    pos: usize,
+    seq_len: usize,
+    cache: &'c mut KvCache,
+    ropes: Vec<(f32, Tensor, Tensor)>,
+    /// Keyed by (first visible key, window).
+    masks: Vec<((usize, Option<usize>), Option<Tensor>)>,
 }
 
 /// Where the loader gets tensors from; lets the loader stay independent of file handling.
@@ -246,18 +256,15 @@ impl Transformer {
         if self.cfg.scale_embeddings {
             x = (x * (self.cfg.hidden as f64).sqrt())?;
         }
-        let mut ropes: Vec<(f32, Tensor, Tensor)> = Vec::with_capacity(2);
+        let mut pass = Pass {
+            pos,
+            seq_len,
+            cache,
+            ropes: Vec::with_capacity(2),
+            masks: Vec::with_capacity(2),
+        };
         for (i, layer) in self.layers.iter().enumerate() {
-            let rope_index = match ropes.iter().position(|(b, _, _)| *b == layer.rope_base) {
-                Some(r) => r,
-                None => {
-                    let (cos, sin) = self.rope_tables(layer.rope_base, pos, seq_len)?;
-                    ropes.push((layer.rope_base, cos, sin));
-                    ropes.len() - 1
-                }
-            };
-            let (_, cos, sin) = &ropes[rope_index];
-            x = self.block(layer, i, &x, pos, cos, sin, cache)?;
+            x = self.block(layer, i, &x, &mut pass)?;
         }
         cache.advance(seq_len);
         let last = x.narrow(1, seq_len - 1, 1)?;
@@ -266,20 +273,16 @@ impl Transformer {
         Ok(logits.flatten_all()?.to_dtype(DType::F32)?)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn block(
         &self,
         layer: &Layer,
         index: usize,
         x: &Tensor,
-        pos: usize,
-        cos: &Tensor,
-        sin: &Tensor,
-        cache: &mut KvCache,
+        pass: &mut Pass<'_>,
     ) -> Result<Tensor, ModelError> {
         let eps = self.cfg.rms_eps;
         let h = candle_nn::ops::rms_norm(x, &layer.attn_norm, eps)?;
-        let mut h = self.attention(layer, index, &h, pos, cos, sin, cache)?;
+        let mut h = self.attention(layer, index, &h, pass)?;
         if let Some(w) = &layer.post_attn_norm {
             h = candle_nn::ops::rms_norm(&h, w, eps)?;
         }
@@ -298,19 +301,16 @@ impl Transformer {
         Ok((x + h)?)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         layer: &Layer,
         index: usize,
         x: &Tensor,
-        pos: usize,
-        cos: &Tensor,
-        sin: &Tensor,
-        cache: &mut KvCache,
+        pass: &mut Pass<'_>,
     ) -> Result<Tensor, ModelError> {
         let cfg = &self.cfg;
         let (b, seq_len, _) = x.dims3()?;
+        let pos = pass.pos;
         let project =
             |w: &QMatMul, bias: &Option<Tensor>, heads: usize| -> candle_core::Result<Tensor> {
                 let mut t = w.forward(x)?;
@@ -330,9 +330,10 @@ impl Transformer {
         if let Some(w) = &layer.k_norm {
             k = candle_nn::ops::rms_norm(&k, w, cfg.rms_eps)?;
         }
-        let q = self.rotate(&q, cos, sin)?;
-        let k = self.rotate(&k, cos, sin)?;
-        let (k_all, v_all) = cache.append(index, &k, &v)?;
+        let (cos, sin) = self.rope(pass, layer.rope_base)?;
+        let q = self.rotate(&q, &cos, &sin)?;
+        let k = self.rotate(&k, &cos, &sin)?;
+        let (k_all, v_all) = pass.cache.append(index, &k, &v)?;
         let total = pos + seq_len;
         // A sliding layer never looks further back than its window: drop older keys up front.
         let start = match layer.window {
@@ -347,21 +348,59 @@ impl Transformer {
         } else {
             (k_all, v_all)
         };
+        // Grouped-query attention without copying keys: the `group` query heads that share a KV
+        // head are consecutive, so (heads, seq) folds into (kv_heads, group * seq) rows.
         let group = cfg.n_heads / cfg.n_kv_heads;
-        // Each KV head serves `group` query heads.
-        let k_all = repeat_kv(k_all.contiguous()?, group)?;
-        let v_all = repeat_kv(v_all.contiguous()?, group)?;
-        let scores = (q.matmul(&k_all.t()?.contiguous()?)? * cfg.attn_scale)?;
-        let scores = match attention_mask(pos, seq_len, start, total, layer.window, &self.device)? {
+        let q = q.reshape((b, cfg.n_kv_heads, group * seq_len, cfg.head_dim))?;
+        let scores = (q.matmul(&k_all.t()?)? * cfg.attn_scale)?;
+        let scores = match self.mask(pass, start, layer.window, group)? {
             Some(mask) => scores.broadcast_add(&mask)?,
             None => scores,
         };
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs.matmul(&v_all.contiguous()?)?;
+        let out = probs.matmul(&v_all)?;
         let out = out
+            .reshape((b, cfg.n_heads, seq_len, cfg.head_dim))?
             .transpose(1, 2)?
             .reshape((b, seq_len, cfg.n_heads * cfg.head_dim))?;
         Ok(layer.wo.forward(&out)?)
+    }
+
+    /// The rope tables for `base` at this pass's positions, computed once per pass.
+    fn rope(&self, pass: &mut Pass<'_>, base: f32) -> Result<(Tensor, Tensor), ModelError> {
+        if let Some((_, cos, sin)) = pass.ropes.iter().find(|(b, _, _)| *b == base) {
+            return Ok((cos.clone(), sin.clone()));
+        }
+        let (cos, sin) = self.rope_tables(base, pass.pos, pass.seq_len)?;
+        pass.ropes.push((base, cos.clone(), sin.clone()));
+        Ok((cos, sin))
+    }
+
+    /// The additive mask over keys `start..` for this pass, repeated for the `group` query heads
+    /// that share a KV head; built once per pass and window.
+    fn mask(
+        &self,
+        pass: &mut Pass<'_>,
+        start: usize,
+        window: Option<usize>,
+        group: usize,
+    ) -> Result<Option<Tensor>, ModelError> {
+        let key = (start, window);
+        if let Some((_, m)) = pass.masks.iter().find(|(k, _)| *k == key) {
+            return Ok(m.clone());
+        }
+        let (pos, seq_len) = (pass.pos, pass.seq_len);
+        let total = pos + seq_len;
+        let mask = match attention_mask(pos, seq_len, start, total, window, &self.device)? {
+            Some(m) if group > 1 => Some(
+                m.unsqueeze(0)?
+                    .expand((group, seq_len, total - start))?
+                    .reshape((group * seq_len, total - start))?,
+            ),
+            other => other,
+        };
+        pass.masks.push((key, mask.clone()));
+        Ok(mask)
     }
 
     fn rotate(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
