@@ -109,9 +109,11 @@ struct Pass<'c> {
     seq_len: usize,
     cache: &'c mut KvCache,
     ropes: Vec<(f32, Tensor, Tensor)>,
-    /// Keyed by (first visible key, window).
-    masks: Vec<((usize, Option<usize>), Option<Tensor>)>,
+    masks: Vec<(MaskKey, Option<Tensor>)>,
 }
+
+/// A mask depends on the first visible key and the layer's window.
+type MaskKey = (usize, Option<usize>);
 
 /// Where the loader gets tensors from; lets the loader stay independent of file handling.
 pub trait TensorSource {
