@@ -69,22 +69,29 @@ fn llama_cpp_logits(name: &str) -> Vec<Vec<Vec<(u32, f32)>>> {
         .collect()
 }
 
-/// Largest logit gap (in llama.cpp's own logits) between its choice and ours at which the two
-/// engines may part: a near-tie that float summation order decides. Relative logits of the two
-/// engines differ by about 0.14 on average (different summation orders, f16 KV cache and f16
-/// GELU tables in llama.cpp), so two tokens within 0.3 of each other can swap; a real bug moves
-/// logits by whole units.
-const NEAR_TIE: f32 = 0.3;
+/// How far apart (in llama.cpp's own logits) its choice and ours may be where the two engines
+/// part. Engines that sum in different orders differ by float noise, and the 8-bit rounding of
+/// activations before every quantized matmul amplifies that noise: two mathematically equal
+/// matmul paths of this crate (quantized dot products and the dense prefill path, equal to 1e-6
+/// per matmul) give Gemma 3 logits up to 0.8 apart. Measured envelopes against llama.cpp
+/// (relative logits of plausible tokens): SmolLM2 mean 0.09, max 0.55; Gemma 3 mean 0.13, max
+/// 1.04. A near-tie is a gap well inside that envelope; a real bug (SiLU instead of GELU in Gemma,
+/// say) moves the mean several-fold and parts at gaps over 1.
+struct Tolerance {
+    near_tie: f32,
+    max_diff: f32,
+    mean_diff: f32,
+}
 
 /// Teacher-forced comparison with llama.cpp: feed the prompt, then the reference tokens one at a
 /// time, and at every step compare our logits with llama.cpp's.
 /// - Where our greedy choice differs from llama.cpp's, llama.cpp itself must have seen a near-tie:
-///   our token is in its top 8 within `NEAR_TIE` of its best.
+///   our token is in its top 8 within `tol.near_tie` of its best.
 /// - Relative logits (each token's logit minus the best one's, over llama.cpp's top 8 tokens
 ///   within 2.0 of its best) agree within
 ///   `max_diff` everywhere and `mean_diff` on average: a real bug (a wrong activation, rope or
 ///   mask) moves them by whole units.
-fn check_greedy(file: &str, name: &str, max_diff: f32, mean_diff: f32) {
+fn check_greedy(file: &str, name: &str, tol: Tolerance) {
     let loaded = model::load(&model_path(file), &Device::Cpu).unwrap();
     let r = reference(name);
     let theirs = llama_cpp_logits(name);
@@ -121,9 +128,10 @@ fn check_greedy(file: &str, name: &str, max_diff: f32, mean_diff: f32) {
                     .find(|(t, _)| *t == ours_best)
                     .map(|(_, l)| top[0].1 - l);
                 assert!(
-                    gap.is_some_and(|g| g <= NEAR_TIE),
+                    gap.is_some_and(|g| g <= tol.near_tie),
                     "{name} case {ci} step {step}: llama.cpp chose {want}, we chose {ours_best}; \
-                     llama.cpp's gap to our choice is {gap:?} (near-tie limit {NEAR_TIE})"
+                     llama.cpp's gap to our choice is {gap:?} (near-tie limit {})",
+                    tol.near_tie
                 );
             }
             let ours_ref = logits[want as usize];
@@ -144,6 +152,11 @@ fn check_greedy(file: &str, name: &str, max_diff: f32, mean_diff: f32) {
     }
     let mean = sum / n as f32;
     eprintln!("{name}: relative logit difference to llama.cpp: mean {mean:.4}, max {max:.4}; parted at {parted} near-ties");
+    let Tolerance {
+        max_diff,
+        mean_diff,
+        ..
+    } = tol;
     assert!(
         max <= max_diff,
         "{name}: max relative logit difference {max} > {max_diff}"
@@ -156,10 +169,26 @@ fn check_greedy(file: &str, name: &str, max_diff: f32, mean_diff: f32) {
 
 #[test]
 fn smollm2_greedy_matches_llama_cpp() {
-    check_greedy(SMOLLM2, "smollm2", 1.0, 0.2);
+    check_greedy(
+        SMOLLM2,
+        "smollm2",
+        Tolerance {
+            near_tie: 0.35,
+            max_diff: 1.0,
+            mean_diff: 0.15,
+        },
+    );
 }
 
 #[test]
 fn gemma3_greedy_matches_llama_cpp() {
-    check_greedy(GEMMA3, "gemma3", 1.2, 0.2);
+    check_greedy(
+        GEMMA3,
+        "gemma3",
+        Tolerance {
+            near_tie: 0.6,
+            max_diff: 1.5,
+            mean_diff: 0.2,
+        },
+    );
 }

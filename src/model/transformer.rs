@@ -18,10 +18,11 @@
 
 use std::sync::Arc;
 
-use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::quantized::QTensor;
+use candle_core::{DType, Device, Tensor, D};
 
 use super::cache::KvCache;
+use super::linear::Linear;
 use super::ModelError;
 
 /// Which rotation the Q/K heads get.
@@ -70,10 +71,10 @@ pub struct Config {
 /// A layer's learned tensors.
 struct Layer {
     attn_norm: Tensor,
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
-    wo: QMatMul,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    wo: Linear,
     bq: Option<Tensor>,
     bk: Option<Tensor>,
     bv: Option<Tensor>,
@@ -81,9 +82,9 @@ struct Layer {
     k_norm: Option<Tensor>,
     post_attn_norm: Option<Tensor>,
     ffn_norm: Tensor,
-    gate: QMatMul,
-    up: QMatMul,
-    down: QMatMul,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
     post_ffn_norm: Option<Tensor>,
     /// Window size when this layer uses sliding-window attention.
     window: Option<usize>,
@@ -96,7 +97,7 @@ pub struct Transformer {
     embed: Arc<QTensor>,
     layers: Vec<Layer>,
     out_norm: Tensor,
-    output: QMatMul,
+    output: Linear,
     /// Per-dimension rope frequency divisors (Llama 3.1 `rope_freqs.weight`), if the file has them.
     rope_freqs: Option<Vec<f32>>,
     device: Device,
@@ -150,8 +151,8 @@ impl Transformer {
     ) -> Result<Self, ModelError> {
         let embed = Arc::new(required(src, "token_embd.weight")?);
         let output = match src.load("output.weight")? {
-            Some(t) => QMatMul::from_qtensor(t)?,
-            None => QMatMul::from_arc(embed.clone())?,
+            Some(t) => Linear::new(Arc::new(t))?,
+            None => Linear::new(embed.clone())?,
         };
         let out_norm = dense(required(src, "output_norm.weight")?, device)?;
         let rope_freqs = match src.load("rope_freqs.weight")? {
@@ -184,8 +185,8 @@ impl Transformer {
         device: &Device,
     ) -> Result<Layer, ModelError> {
         let name = |s: &str| format!("blk.{i}.{s}");
-        let mut qm = |s: &str| -> Result<QMatMul, ModelError> {
-            Ok(QMatMul::from_qtensor(required(src, &name(s))?)?)
+        let mut qm = |s: &str| -> Result<Linear, ModelError> {
+            Ok(Linear::new(Arc::new(required(src, &name(s))?))?)
         };
         let wq = qm("attn_q.weight")?;
         let wk = qm("attn_k.weight")?;
@@ -314,7 +315,7 @@ impl Transformer {
         let (b, seq_len, _) = x.dims3()?;
         let pos = pass.pos;
         let project =
-            |w: &QMatMul, bias: &Option<Tensor>, heads: usize| -> candle_core::Result<Tensor> {
+            |w: &Linear, bias: &Option<Tensor>, heads: usize| -> candle_core::Result<Tensor> {
                 let mut t = w.forward(x)?;
                 if let Some(bias) = bias {
                     t = t.broadcast_add(bias)?;
