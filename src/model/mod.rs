@@ -5,6 +5,7 @@
 
 mod cache;
 mod device;
+mod linear;
 mod transformer;
 
 use std::fs::File;
