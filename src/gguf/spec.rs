@@ -20,17 +20,15 @@ pub enum Architecture {
     Gemma3,
     Qwen2,
     Qwen3,
-    Phi3,
 }
 
 impl Architecture {
     /// All supported architectures.
-    pub const ALL: [Architecture; 5] = [
+    pub const ALL: [Architecture; 4] = [
         Architecture::Llama,
         Architecture::Gemma3,
         Architecture::Qwen2,
         Architecture::Qwen3,
-        Architecture::Phi3,
     ];
 
     /// The GGUF name (`general.architecture` value and key prefix).
@@ -40,7 +38,6 @@ impl Architecture {
             Architecture::Gemma3 => "gemma3",
             Architecture::Qwen2 => "qwen2",
             Architecture::Qwen3 => "qwen3",
-            Architecture::Phi3 => "phi3",
         }
     }
 

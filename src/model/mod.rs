@@ -33,8 +33,6 @@ pub enum ModelError {
     },
     #[error("model file lacks tensor '{0}'")]
     MissingTensor(String),
-    #[error("architecture '{0}' is recognised but not supported by the forward pass; supported: llama, gemma3, qwen2, qwen3")]
-    Unsupported(String),
     #[error("the input is empty")]
     EmptyInput,
     #[error("sequence needs {needed} positions but the context holds {limit}")]
@@ -65,7 +63,6 @@ pub fn config_for(spec: &ModelSpec) -> Result<Config, ModelError> {
             true,
             spec.sliding_window.map(|w| (w, 6)),
         ),
-        other => return Err(ModelError::Unsupported(other.to_string())),
     };
     let rope_base_local = match spec.architecture {
         Architecture::Gemma3 => Some(spec.rope_local_freq_base.unwrap_or(10_000.0)),
