@@ -19,6 +19,8 @@
 //! - [`catalog`]: named models (`models/catalog.toml`) and `--model` resolution.
 //! - [`pull`]: downloads from the Hugging Face hub with checksums.
 //! - [`bench`]: prefill/decode speed, load time and peak memory.
+//! - [`registry`]: which models are resident; one load per model, shared by waiting requests.
+//! - [`server`]: the axum HTTP API (OpenAI and Ollama routes, health).
 
 pub mod bench;
 pub mod catalog;
@@ -27,7 +29,9 @@ pub mod engine;
 pub mod gguf;
 pub mod model;
 pub mod pull;
+pub mod registry;
 pub mod sampler;
+pub mod server;
 pub mod stop;
 pub mod tokenizer;
 pub mod vocab;

@@ -20,6 +20,7 @@ pub fn dispatch(cli: Cli) -> Result<()> {
         Command::Pull { name, models_dir } => pull(&name, models_dir),
         Command::List { models_dir } => list(models_dir),
         Command::Bench(args) => bench(args),
+        Command::Serve(args) => super::serve::serve(args),
     }
 }
 
@@ -27,7 +28,7 @@ fn catalog(dir: Option<PathBuf>) -> Result<Catalog> {
     Ok(Catalog::load(&dir.unwrap_or_else(models_dir))?)
 }
 
-fn set_threads(threads: Option<usize>) -> Result<()> {
+pub(super) fn set_threads(threads: Option<usize>) -> Result<()> {
     if let Some(n) = threads {
         if n == 0 {
             bail!("--threads must be at least 1");

@@ -2,6 +2,7 @@
 
 mod chat_loop;
 mod commands;
+mod serve;
 
 use std::path::PathBuf;
 
@@ -47,6 +48,32 @@ pub enum Command {
     },
     /// Measure prefill and decode speed, load time and peak memory.
     Bench(BenchArgs),
+    /// Serve the OpenAI- and Ollama-compatible HTTP API.
+    Serve(ServeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    #[arg(long, env = "LLMGENIE_HOST", default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, env = "LLMGENIE_PORT", default_value_t = 11435)]
+    pub port: u16,
+    /// Models to preload (catalogue names or .gguf paths, repeatable or comma-separated); the
+    /// first answers requests that name no model. Default: smollm2-135m.
+    #[arg(long = "model", short, env = "LLMGENIE_MODEL", value_delimiter = ',')]
+    pub models: Vec<String>,
+    #[arg(long, env = "LLMGENIE_DEVICE", default_value = "auto")]
+    pub device: DeviceChoice,
+    #[arg(long, env = "LLMGENIE_THREADS")]
+    pub threads: Option<usize>,
+    #[arg(long, env = "LLMGENIE_MODELS")]
+    pub models_dir: Option<PathBuf>,
+    /// Largest request body in bytes.
+    #[arg(long, env = "LLMGENIE_MAX_BODY_BYTES", default_value_t = 4 << 20)]
+    pub max_body_bytes: usize,
+    /// Requests running or queued per model before new ones get 429.
+    #[arg(long, env = "LLMGENIE_MAX_PENDING", default_value_t = 32)]
+    pub max_pending: usize,
 }
 
 /// Which model and where it runs.

@@ -249,6 +249,14 @@ impl Engine {
     }
 }
 
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("model", &self.info.name)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Drop for Engine {
     fn drop(&mut self) {
         // The thread may already be gone; then there is nothing to stop.

@@ -1,0 +1,94 @@
+//! `llmgenie serve`: preload the models, then serve until SIGINT/SIGTERM.
+
+use std::net::{IpAddr, SocketAddr};
+
+use anyhow::{Context, Result};
+use llmgenie::catalog::{models_dir, Catalog, CatalogError};
+use llmgenie::model::select_device;
+use llmgenie::registry::Registry;
+use llmgenie::server::{self, AppState, Limits};
+
+use super::commands::set_threads;
+use super::ServeArgs;
+
+pub fn serve(args: ServeArgs) -> Result<()> {
+    set_threads(args.threads)?;
+    let catalog = Catalog::load(&args.models_dir.clone().unwrap_or_else(models_dir))?;
+    let device = select_device(args.device)?;
+    let models = if args.models.is_empty() {
+        vec![catalog.default.clone()]
+    } else {
+        args.models.clone()
+    };
+    // Resolve every preloaded model now; a catalogue model that is missing is fetched first
+    // (with a progress bar), so that `serve` works on a fresh clone.
+    let mut preload = Vec::new();
+    for m in &models {
+        let (name, path) = match catalog.resolve(m) {
+            Ok(found) => found,
+            Err(CatalogError::NotDownloaded { name, .. }) => {
+                eprintln!("{name} is not downloaded yet; fetching it");
+                let path = llmgenie::pull::pull(&catalog, &name, true)?;
+                (name, path)
+            }
+            Err(e) => return Err(e.into()),
+        };
+        preload.push((name, path));
+    }
+    let default = preload.first().map(|(n, _)| n.clone()).unwrap_or_default();
+    let registry = Registry::new(catalog, device, &default);
+    for (name, path) in &preload {
+        registry.add_file(name, path);
+    }
+    let ip: IpAddr = args
+        .host
+        .parse()
+        .with_context(|| format!("--host must be an IP address, got '{}'", args.host))?;
+    let addr = SocketAddr::new(ip, args.port);
+    let state = AppState::new(
+        registry.clone(),
+        Limits {
+            max_body_bytes: args.max_body_bytes,
+            max_pending_per_model: args.max_pending.max(1),
+        },
+    );
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        for (name, _) in preload {
+            let registry = registry.clone();
+            // Loads run in the background: /health answers 503 until they are done.
+            tokio::spawn(async move {
+                if let Err(e) = registry.get(&name).await {
+                    tracing::error!(model = %name, error = %e, "preload failed");
+                }
+            });
+        }
+        eprintln!("llmgenie listening on http://{addr}");
+        server::serve(state, addr, shutdown_signal()).await
+    })?;
+    Ok(())
+}
+
+/// SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

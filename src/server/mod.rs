@@ -1,0 +1,188 @@
+//! The HTTP API: OpenAI- and Ollama-compatible routes over the [`Registry`].
+//!
+//! Handlers parse bodies themselves (`parse_json`) so that malformed JSON, wrong types and
+//! invalid UTF-8 get the error shape each API's clients expect, then validate into
+//! [`run::ValidGenerate`]; everything after that trusts the type.
+
+pub mod error;
+mod ollama;
+mod openai;
+pub mod run;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use crate::registry::Registry;
+use error::{ApiError, ErrorKind};
+
+/// Request limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest request body, in bytes.
+    pub max_body_bytes: usize,
+    /// Requests running or queued per model before new ones get 429.
+    pub max_pending_per_model: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 4 << 20,
+            max_pending_per_model: 32,
+        }
+    }
+}
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub registry: Registry,
+    pub limits: Limits,
+    /// Set while shutting down: `/health` answers 503.
+    pub draining: Arc<AtomicBool>,
+    ids: Arc<AtomicU64>,
+}
+
+impl AppState {
+    pub fn new(registry: Registry, limits: Limits) -> Self {
+        Self {
+            registry,
+            limits,
+            draining: Arc::new(AtomicBool::new(false)),
+            ids: Arc::new(AtomicU64::new(1)),
+        }
+    }
+
+    /// A process-unique number for response ids.
+    fn next_id(&self) -> u64 {
+        self.ids.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// Parse a JSON body into `T`, with a message that names the problem.
+///
+/// # Errors
+/// Invalid UTF-8 or JSON, or a field of the wrong type (400).
+pub fn parse_json<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    let text = std::str::from_utf8(body).map_err(|e| {
+        ApiError::new(
+            ErrorKind::Invalid,
+            format!("request body is not valid UTF-8: {e}"),
+        )
+    })?;
+    serde_json::from_str(text)
+        .map_err(|e| ApiError::new(ErrorKind::Invalid, format!("invalid request body: {e}")))
+}
+
+/// The current UTC time as RFC 3339 (`2026-11-29T16:10:20.123Z`).
+pub fn rfc3339() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = now.as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        now.subsec_millis()
+    )
+}
+
+async fn health(State(state): State<AppState>) -> impl IntoResponse {
+    if state.draining.load(Ordering::Relaxed) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "draining"})),
+        );
+    }
+    if state.registry.loading() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "loading"})),
+        );
+    }
+    let models: Vec<String> = state
+        .registry
+        .resident()
+        .into_iter()
+        .map(|r| r.name)
+        .collect();
+    (
+        StatusCode::OK,
+        Json(json!({"status": "ok", "models": models})),
+    )
+}
+
+/// Ollama clients probe `GET /` for this text.
+async fn root() -> &'static str {
+    "Ollama is running"
+}
+
+async fn too_large_or_unknown() -> error::OpenAiError {
+    error::OpenAiError(ApiError::new(ErrorKind::NotFound, "no such route"))
+}
+
+/// All routes.
+pub fn router(state: AppState) -> Router {
+    let limit = state.limits.max_body_bytes;
+    Router::new()
+        .route("/", get(root).head(root))
+        .route("/health", get(health))
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/completions", post(openai::completions))
+        .route("/v1/models", get(openai::list_models))
+        .route("/v1/models/{id}", get(openai::get_model))
+        .route("/api/generate", post(ollama::generate))
+        .route("/api/chat", post(ollama::chat))
+        .route("/api/tags", get(ollama::tags))
+        .route("/api/ps", get(ollama::ps))
+        .route("/api/show", post(ollama::show))
+        .route("/api/version", get(ollama::version))
+        .fallback(too_large_or_unknown)
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// Serve until `shutdown` resolves; then stop accepting and let in-flight requests finish.
+///
+/// # Errors
+/// The address cannot be bound.
+pub async fn serve(
+    state: AppState,
+    addr: SocketAddr,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(addr = %listener.local_addr()?, "listening");
+    let draining = state.draining.clone();
+    let app = router(state);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            draining.store(true, Ordering::Relaxed);
+            tracing::info!("shutting down: finishing in-flight requests");
+        })
+        .await
+}

@@ -1,0 +1,364 @@
+//! Ollama-compatible endpoints: `/api/generate`, `/api/chat` (NDJSON streams by default),
+//! `/api/tags`, `/api/ps`, `/api/show`, `/api/version`.
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures_util::stream::{self, StreamExt};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::error::{ApiError, OllamaError};
+use super::run::{self, check_stop, Job, PromptInput, ValidGenerate};
+use super::{parse_json, rfc3339, AppState};
+use crate::chat::Message;
+use crate::engine::{Event, Finished};
+use crate::sampler::SamplingParams;
+
+/// `options` of a request; every field optional, defaults as Ollama's.
+#[derive(Debug, Default, Deserialize)]
+struct Options {
+    temperature: Option<f32>,
+    top_k: Option<i64>,
+    top_p: Option<f32>,
+    min_p: Option<f32>,
+    repeat_penalty: Option<f32>,
+    repeat_last_n: Option<i64>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    seed: Option<i64>,
+    stop: Option<Vec<String>>,
+    num_predict: Option<i64>,
+    /// Accepted; the context is the model's own (see README).
+    #[allow(dead_code)]
+    num_ctx: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ChatMessage {
+    role: String,
+    #[serde(default)]
+    content: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct GenerateRequest {
+    #[serde(default)]
+    model: String,
+    #[serde(default)]
+    prompt: String,
+    system: Option<String>,
+    #[serde(default)]
+    raw: bool,
+    stream: Option<bool>,
+    format: Option<Value>,
+    #[serde(default)]
+    options: Options,
+}
+
+#[derive(Debug, Deserialize)]
+struct ChatRequest {
+    #[serde(default)]
+    model: String,
+    #[serde(default)]
+    messages: Vec<ChatMessage>,
+    stream: Option<bool>,
+    format: Option<Value>,
+    #[serde(default)]
+    options: Options,
+}
+
+fn int_range(name: &str, v: Option<i64>, lo: i64, hi: i64) -> Result<Option<i64>, ApiError> {
+    match v {
+        Some(x) if !(lo..=hi).contains(&x) => Err(ApiError::invalid(
+            name,
+            format!("options.{name} must be between {lo} and {hi}, got {x}"),
+        )),
+        other => Ok(other),
+    }
+}
+
+fn validate(
+    model: String,
+    prompt: PromptInput,
+    o: Options,
+    format: Option<Value>,
+) -> Result<ValidGenerate, ApiError> {
+    if let Some(f) = format {
+        if !(f.is_null() || f == json!("")) {
+            return Err(ApiError::invalid(
+                "format",
+                "format (JSON mode) is not supported yet",
+            ));
+        }
+    }
+    let params =
+        SamplingParams {
+            temperature: o.temperature.unwrap_or(0.8),
+            top_k: int_range("top_k", o.top_k, 0, 1_000_000)?.unwrap_or(40) as usize,
+            top_p: o.top_p.unwrap_or(0.9),
+            min_p: o.min_p.unwrap_or(0.0),
+            repeat_penalty: o.repeat_penalty.unwrap_or(1.1),
+            repeat_last_n: int_range("repeat_last_n", o.repeat_last_n, -1, 1 << 20)?
+                .map_or(64, |n| if n < 0 { usize::MAX } else { n as usize }),
+            presence_penalty: o.presence_penalty.unwrap_or(0.0),
+            frequency_penalty: o.frequency_penalty.unwrap_or(0.0),
+            seed: o.seed.and_then(|s| u64::try_from(s).ok()),
+            top_logprobs: 0,
+        };
+    params
+        .validate()
+        .map_err(|m| ApiError::invalid("options", format!("options.{m}")))?;
+    // num_predict: -1 (or absent) until the end, -2 until the context is full; both are bounded
+    // by the context.
+    let max_tokens = match int_range("num_predict", o.num_predict, -2, 1 << 30)? {
+        None | Some(-1) | Some(-2) => None,
+        Some(n) => Some(n.max(0) as usize),
+    };
+    Ok(ValidGenerate {
+        model,
+        prompt,
+        params,
+        max_tokens,
+        stop: check_stop("options.stop", o.stop.unwrap_or_default())?,
+    })
+}
+
+/// The closing object of a request, with Ollama's durations in nanoseconds.
+fn final_fields(job: &Job, f: &Finished) -> Value {
+    let ns = |d: std::time::Duration| d.as_nanos() as u64;
+    json!({
+        "done": true,
+        "done_reason": f.reason.as_str(),
+        "total_duration": ns(job.started.elapsed()),
+        "load_duration": ns(job.load_time),
+        "prompt_eval_count": f.prompt_tokens,
+        "prompt_eval_duration": ns(f.prompt_time),
+        "eval_count": f.generated_tokens,
+        "eval_duration": ns(f.generation_time),
+    })
+}
+
+fn merge(mut a: Value, b: Value) -> Value {
+    if let (Some(a), Value::Object(b)) = (a.as_object_mut(), b) {
+        a.extend(b);
+    }
+    a
+}
+
+/// Load the model and answer with an empty, finished response (Ollama's "load" request).
+async fn load_only(state: &AppState, model: &str, chat: bool) -> Result<Response, OllamaError> {
+    let (name, _) = state.registry.resolve(model)?;
+    state.registry.get(&name).await?;
+    let mut body =
+        json!({"model": name, "created_at": rfc3339(), "done": true, "done_reason": "load"});
+    if chat {
+        body["message"] = json!({"role": "assistant", "content": ""});
+    } else {
+        body["response"] = json!("");
+    }
+    Ok(Json(body).into_response())
+}
+
+/// `POST /api/generate`
+pub async fn generate(State(state): State<AppState>, body: Bytes) -> Result<Response, OllamaError> {
+    let r: GenerateRequest = parse_json(&body)?;
+    if r.prompt.is_empty() && r.system.is_none() {
+        return load_only(&state, &r.model, false).await;
+    }
+    let prompt = if r.raw {
+        PromptInput::Raw(r.prompt)
+    } else {
+        let mut messages = Vec::new();
+        if let Some(system) = r.system {
+            messages.push(Message {
+                role: "system".into(),
+                content: system,
+            });
+        }
+        messages.push(Message {
+            role: "user".into(),
+            content: r.prompt,
+        });
+        PromptInput::Chat(messages)
+    };
+    let valid = validate(r.model, prompt, r.options, r.format)?;
+    respond(state, valid, r.stream.unwrap_or(true), false).await
+}
+
+/// `POST /api/chat`
+pub async fn chat(State(state): State<AppState>, body: Bytes) -> Result<Response, OllamaError> {
+    let r: ChatRequest = parse_json(&body)?;
+    if r.messages.is_empty() {
+        return load_only(&state, &r.model, true).await;
+    }
+    let mut messages = Vec::with_capacity(r.messages.len());
+    for (i, m) in r.messages.into_iter().enumerate() {
+        if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "tool") {
+            return Err(ApiError::invalid(
+                "messages",
+                format!(
+                    "messages[{i}].role must be system, user, assistant or tool, got '{}'",
+                    m.role
+                ),
+            )
+            .into());
+        }
+        messages.push(Message {
+            role: m.role,
+            content: m.content,
+        });
+    }
+    let valid = validate(r.model, PromptInput::Chat(messages), r.options, r.format)?;
+    respond(state, valid, r.stream.unwrap_or(true), true).await
+}
+
+fn piece(model: &str, text: &str, chat: bool) -> Value {
+    if chat {
+        json!({"model": model, "created_at": rfc3339(), "message": {"role": "assistant", "content": text}, "done": false})
+    } else {
+        json!({"model": model, "created_at": rfc3339(), "response": text, "done": false})
+    }
+}
+
+async fn respond(
+    state: AppState,
+    valid: ValidGenerate,
+    stream: bool,
+    chat: bool,
+) -> Result<Response, OllamaError> {
+    let mut job = run::start(&state, valid).await?;
+    if !stream {
+        let done = run::collect(&mut job).await?;
+        let body = merge(
+            piece(&job.model, &done.text, chat),
+            final_fields(&job, &done.finished),
+        );
+        return Ok(Json(body).into_response());
+    }
+    // One JSON object per line. Dropping the body (the client left) drops the receiver, which
+    // stops the generation.
+    let lines = stream::unfold((job, false), move |(mut job, finished)| async move {
+        if finished {
+            return None;
+        }
+        let (value, end) = match job.events.recv().await {
+            Some(Event::Token(t)) if t.text.is_empty() => (None, false),
+            Some(Event::Token(t)) => (Some(piece(&job.model, &t.text, chat)), false),
+            Some(Event::Done(f)) => (
+                Some(merge(piece(&job.model, "", chat), final_fields(&job, &f))),
+                true,
+            ),
+            Some(Event::Error(e)) => {
+                tracing::error!(error = %e, "generation failed mid-stream");
+                (Some(json!({"error": "generation failed"})), true)
+            }
+            None => return None,
+        };
+        Some((value, (job, end)))
+    })
+    .filter_map(|v| async move { v })
+    .map(|v| Ok::<_, std::convert::Infallible>(Bytes::from(format!("{v}\n"))));
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(lines),
+    )
+        .into_response())
+}
+
+fn details(state: &AppState, name: &str) -> Value {
+    let spec = state
+        .registry
+        .resident()
+        .into_iter()
+        .find(|r| r.name == name)
+        .map(|r| r.engine.info().spec.clone());
+    json!({
+        "format": "gguf",
+        "family": spec.as_ref().map(|s| s.architecture.to_string()),
+        "families": spec.as_ref().map(|s| vec![s.architecture.to_string()]),
+        "parameter_size": "",
+        "quantization_level": "",
+        "parent_model": "",
+    })
+}
+
+/// `GET /api/tags`: the models that can be used.
+pub async fn tags(State(state): State<AppState>) -> Json<Value> {
+    let models: Vec<Value> = state
+        .registry
+        .available()
+        .into_iter()
+        .map(|(name, path)| {
+            let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            json!({
+                "name": format!("{name}:latest"),
+                "model": format!("{name}:latest"),
+                "modified_at": rfc3339(),
+                "size": size,
+                "digest": "",
+                "details": details(&state, &name),
+            })
+        })
+        .collect();
+    Json(json!({"models": models}))
+}
+
+/// `GET /api/ps`: the models in memory.
+pub async fn ps(State(state): State<AppState>) -> Json<Value> {
+    let models: Vec<Value> = state
+        .registry
+        .resident()
+        .into_iter()
+        .map(|r| {
+            json!({
+                "name": format!("{}:latest", r.name),
+                "model": format!("{}:latest", r.name),
+                "size": r.engine.info().file_size,
+                "digest": "",
+                "details": details(&state, &r.name),
+                "expires_at": "2318-01-01T00:00:00Z",
+                "size_vram": 0,
+            })
+        })
+        .collect();
+    Json(json!({"models": models}))
+}
+
+#[derive(Debug, Deserialize)]
+struct ShowRequest {
+    #[serde(default)]
+    model: String,
+    #[serde(default)]
+    name: String,
+}
+
+/// `POST /api/show`: what a model is.
+pub async fn show(State(state): State<AppState>, body: Bytes) -> Result<Json<Value>, OllamaError> {
+    let r: ShowRequest = parse_json(&body)?;
+    let requested = if r.model.is_empty() { r.name } else { r.model };
+    let (name, path) = state.registry.resolve(&requested)?;
+    let file = crate::gguf::GgufFile::open(&path)
+        .map_err(|e| ApiError::new(super::error::ErrorKind::Internal, e.to_string()))?;
+    let summary = crate::gguf::summarize(&file)
+        .map_err(|e| ApiError::new(super::error::ErrorKind::Internal, e.to_string()))?;
+    Ok(Json(json!({
+        "modelfile": format!("FROM {}", path.display()),
+        "parameters": "",
+        "template": file.get_str("tokenizer.chat_template").ok().flatten().unwrap_or(""),
+        "details": merge(details(&state, &name), json!({"family": summary.architecture})),
+        "model_info": {
+            "general.architecture": summary.architecture,
+            "general.parameter_count": file.parameter_count(),
+            "general.file_type": file.get_u64("general.file_type").ok().flatten(),
+        },
+        "capabilities": ["completion"],
+    })))
+}
+
+/// `GET /api/version`
+pub async fn version() -> Json<Value> {
+    Json(json!({"version": env!("CARGO_PKG_VERSION")}))
+}

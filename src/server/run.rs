@@ -1,0 +1,190 @@
+//! What every endpoint shares: a validated generation request, its start (model lookup, prompt
+//! rendering and tokenization off the async runtime, context and admission checks) and its
+//! collection into one answer.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use super::error::{ApiError, ErrorKind};
+use super::AppState;
+use crate::chat::Message;
+use crate::engine::{Engine, Event, Finished, GenerateRequest, TokenEvent};
+use crate::sampler::SamplingParams;
+
+/// Most stop strings a request may give.
+pub const MAX_STOP: usize = 16;
+/// Longest stop string, in bytes.
+pub const MAX_STOP_LEN: usize = 256;
+
+/// The prompt, before the model's template is known.
+#[derive(Debug, Clone)]
+pub enum PromptInput {
+    /// Rendered with the model's chat template, ready for the assistant's turn.
+    Chat(Vec<Message>),
+    /// Tokenized as it is (special tokens parsed, BOS added where the model wants it).
+    Raw(String),
+}
+
+/// A request every field of which has been checked.
+#[derive(Debug, Clone)]
+pub struct ValidGenerate {
+    pub model: String,
+    pub prompt: PromptInput,
+    pub params: SamplingParams,
+    /// `None`: until the answer ends or the context is full.
+    pub max_tokens: Option<usize>,
+    pub stop: Vec<String>,
+}
+
+/// Check stop strings against the limits.
+///
+/// # Errors
+/// Too many, or one too long.
+pub fn check_stop(param: &str, stop: Vec<String>) -> Result<Vec<String>, ApiError> {
+    if stop.len() > MAX_STOP {
+        return Err(ApiError::invalid(
+            param,
+            format!(
+                "{param} may hold at most {MAX_STOP} strings, got {}",
+                stop.len()
+            ),
+        ));
+    }
+    if let Some(s) = stop.iter().find(|s| s.len() > MAX_STOP_LEN) {
+        return Err(ApiError::invalid(
+            param,
+            format!(
+                "each {param} string must be at most {MAX_STOP_LEN} bytes, got {}",
+                s.len()
+            ),
+        ));
+    }
+    Ok(stop)
+}
+
+/// A generation in flight.
+pub struct Job {
+    pub model: String,
+    pub engine: Arc<Engine>,
+    pub events: UnboundedReceiver<Event>,
+    pub prompt_tokens: usize,
+    /// Time spent waiting for the model to load (zero when it was resident).
+    pub load_time: Duration,
+    pub started: Instant,
+}
+
+/// Find (or load) the model, render and tokenize the prompt, check it against the context and
+/// the admission limit, and queue it.
+///
+/// # Errors
+/// Unknown model (404), prompt too long (422), too many requests (429), bad sampling (400).
+pub async fn start(state: &AppState, req: ValidGenerate) -> Result<Job, ApiError> {
+    let started = Instant::now();
+    let (model, _) = state.registry.resolve(&req.model)?;
+    let engine = state.registry.get(&model).await?;
+    let load_time = started.elapsed();
+    let prompt_engine = engine.clone();
+    let prompt = req.prompt;
+    let ids = tokio::task::spawn_blocking(move || -> Result<Vec<u32>, ApiError> {
+        let text = match &prompt {
+            PromptInput::Chat(messages) => prompt_engine
+                .template()
+                .render(messages, true)
+                .map_err(|e| ApiError::new(ErrorKind::Unprocessable, e.to_string()))?,
+            PromptInput::Raw(text) => text.clone(),
+        };
+        prompt_engine
+            .tokenizer()
+            .encode_prompt(&text)
+            .map_err(|e| ApiError::new(ErrorKind::Unprocessable, e.to_string()))
+    })
+    .await
+    .map_err(|_| ApiError::new(ErrorKind::Internal, "tokenization failed"))??;
+    let context = engine.info().spec.context_length;
+    if ids.len() >= context {
+        return Err(ApiError::new(
+            ErrorKind::Unprocessable,
+            format!(
+                "the prompt has {} tokens but model '{model}' holds at most {} (its context is {context})",
+                ids.len(),
+                context - 1
+            ),
+        ));
+    }
+    if engine.stats().pending.load(Ordering::Relaxed) >= state.limits.max_pending_per_model {
+        return Err(ApiError::new(
+            ErrorKind::Busy,
+            format!(
+                "model '{model}' has {} requests running or queued; retry shortly",
+                state.limits.max_pending_per_model
+            ),
+        ));
+    }
+    // max_tokens beyond what the context leaves is clamped to it (documented in README).
+    let room = context - ids.len();
+    let max_tokens = Some(req.max_tokens.map_or(room, |m| m.min(room)));
+    let prompt_tokens = ids.len();
+    let events = engine.submit(GenerateRequest {
+        prompt: ids,
+        params: req.params,
+        max_tokens,
+        stop: req.stop,
+    })?;
+    Ok(Job {
+        model,
+        engine,
+        events,
+        prompt_tokens,
+        load_time,
+        started,
+    })
+}
+
+/// A whole answer.
+pub struct Completion {
+    pub text: String,
+    pub tokens: Vec<TokenEvent>,
+    pub finished: Finished,
+}
+
+/// Wait for the whole answer.
+///
+/// # Errors
+/// The generation failed or the model thread stopped.
+pub async fn collect(job: &mut Job) -> Result<Completion, ApiError> {
+    let mut text = String::new();
+    let mut tokens = Vec::new();
+    while let Some(event) = job.events.recv().await {
+        match event {
+            Event::Token(t) => {
+                text.push_str(&t.text);
+                tokens.push(t);
+            }
+            Event::Done(finished) => {
+                return Ok(Completion {
+                    text,
+                    tokens,
+                    finished,
+                })
+            }
+            Event::Error(e) => {
+                tracing::error!(error = %e, "generation failed");
+                return Err(ApiError::new(ErrorKind::Internal, "generation failed"));
+            }
+        }
+    }
+    Err(ApiError::new(
+        ErrorKind::Unavailable,
+        "the model stopped before the answer was complete",
+    ))
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
