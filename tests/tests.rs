@@ -8,3 +8,4 @@ mod cli;
 mod engine;
 mod loader;
 mod reference;
+mod server;

@@ -69,11 +69,21 @@ impl AppState {
     }
 }
 
+/// A request body as the handlers receive it: the bytes, or why they could not be read.
+pub type Body = Result<Bytes, axum::extract::rejection::BytesRejection>;
+
 /// Parse a JSON body into `T`, with a message that names the problem.
 ///
 /// # Errors
-/// Invalid UTF-8 or JSON, or a field of the wrong type (400).
-pub fn parse_json<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+/// A body over the size limit (413), invalid UTF-8 or JSON, or a field of the wrong type (400).
+pub fn parse_json<T: DeserializeOwned>(body: &Body) -> Result<T, ApiError> {
+    let body = body.as_ref().map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(ErrorKind::TooLarge, "request body is larger than the server's limit (--max-body-bytes)")
+        } else {
+            ApiError::new(ErrorKind::Invalid, format!("cannot read the request body: {e}"))
+        }
+    })?;
     let text = std::str::from_utf8(body).map_err(|e| {
         ApiError::new(
             ErrorKind::Invalid,
@@ -165,7 +175,8 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Serve until `shutdown` resolves; then stop accepting and let in-flight requests finish.
+/// Bind `addr` and serve until `shutdown` resolves; then stop accepting and let in-flight
+/// requests finish.
 ///
 /// # Errors
 /// The address cannot be bound.
@@ -175,6 +186,18 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
+    serve_on(listener, state, shutdown).await
+}
+
+/// Serve on a bound listener (tests bind port 0 and read the port first).
+///
+/// # Errors
+/// Accepting connections fails.
+pub async fn serve_on(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, "listening");
     let draining = state.draining.clone();
     let app = router(state);

@@ -1,7 +1,7 @@
 //! Ollama-compatible endpoints: `/api/generate`, `/api/chat` (NDJSON streams by default),
 //! `/api/tags`, `/api/ps`, `/api/show`, `/api/version`.
 
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 
 use super::error::{ApiError, OllamaError};
 use super::run::{self, check_stop, Job, PromptInput, ValidGenerate};
-use super::{parse_json, rfc3339, AppState};
+use super::{parse_json, rfc3339, AppState, Body};
 use crate::chat::Message;
 use crate::engine::{Event, Finished};
 use crate::sampler::SamplingParams;
@@ -163,7 +163,7 @@ async fn load_only(state: &AppState, model: &str, chat: bool) -> Result<Response
 }
 
 /// `POST /api/generate`
-pub async fn generate(State(state): State<AppState>, body: Bytes) -> Result<Response, OllamaError> {
+pub async fn generate(State(state): State<AppState>, body: Body) -> Result<Response, OllamaError> {
     let r: GenerateRequest = parse_json(&body)?;
     if r.prompt.is_empty() && r.system.is_none() {
         return load_only(&state, &r.model, false).await;
@@ -189,7 +189,7 @@ pub async fn generate(State(state): State<AppState>, body: Bytes) -> Result<Resp
 }
 
 /// `POST /api/chat`
-pub async fn chat(State(state): State<AppState>, body: Bytes) -> Result<Response, OllamaError> {
+pub async fn chat(State(state): State<AppState>, body: Body) -> Result<Response, OllamaError> {
     let r: ChatRequest = parse_json(&body)?;
     if r.messages.is_empty() {
         return load_only(&state, &r.model, true).await;
@@ -263,7 +263,7 @@ async fn respond(
     .map(|v| Ok::<_, std::convert::Infallible>(Bytes::from(format!("{v}\n"))));
     Ok((
         [(header::CONTENT_TYPE, "application/x-ndjson")],
-        Body::from_stream(lines),
+        axum::body::Body::from_stream(lines),
     )
         .into_response())
 }
@@ -336,7 +336,7 @@ struct ShowRequest {
 }
 
 /// `POST /api/show`: what a model is.
-pub async fn show(State(state): State<AppState>, body: Bytes) -> Result<Json<Value>, OllamaError> {
+pub async fn show(State(state): State<AppState>, body: Body) -> Result<Json<Value>, OllamaError> {
     let r: ShowRequest = parse_json(&body)?;
     let requested = if r.model.is_empty() { r.name } else { r.model };
     let (name, path) = state.registry.resolve(&requested)?;

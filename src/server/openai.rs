@@ -2,7 +2,6 @@
 
 use std::convert::Infallible;
 
-use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
@@ -13,7 +12,7 @@ use serde_json::{json, Value};
 
 use super::error::{ApiError, OpenAiError};
 use super::run::{self, check_stop, Job, PromptInput, ValidGenerate};
-use super::{parse_json, AppState};
+use super::{parse_json, AppState, Body};
 use crate::chat::Message;
 use crate::engine::{Event, Finished, TokenEvent};
 use crate::sampler::SamplingParams;
@@ -286,7 +285,7 @@ fn timings(job: &Job, f: &Finished) -> Value {
 /// `POST /v1/chat/completions`
 pub async fn chat_completions(
     State(state): State<AppState>,
-    body: Bytes,
+    body: Body,
 ) -> Result<Response, OpenAiError> {
     let valid = validate_chat(parse_json(&body)?)?;
     respond(state, valid, true).await
@@ -295,7 +294,7 @@ pub async fn chat_completions(
 /// `POST /v1/completions`
 pub async fn completions(
     State(state): State<AppState>,
-    body: Bytes,
+    body: Body,
 ) -> Result<Response, OpenAiError> {
     let valid = validate_completion(parse_json(&body)?)?;
     respond(state, valid, false).await

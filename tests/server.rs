@@ -1,0 +1,318 @@
+//! The real server on 127.0.0.1:0 with the real SmolLM2 model, driven over HTTP.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use candle_core::Device;
+use llmgenie::catalog::Catalog;
+use llmgenie::engine::EngineStats;
+use llmgenie::registry::Registry;
+use llmgenie::server::{self, AppState, Limits};
+use serde_json::{json, Value};
+
+use crate::util::{model_path, reference, root, SMOLLM2};
+
+/// A server running on its own runtime thread; stopped when dropped.
+struct TestServer {
+    addr: SocketAddr,
+    state: AppState,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TestServer {
+    fn start(limits: Limits) -> Self {
+        let catalog = Catalog::load(&root().join("models")).unwrap();
+        let registry = Registry::new(catalog, Device::Cpu, "smollm2-135m");
+        registry.add_file("smollm2-135m", &model_path(SMOLLM2));
+        let state = AppState::new(registry, limits);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let server_state = state.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                addr_tx.send(listener.local_addr().unwrap()).unwrap();
+                let shutdown = async move {
+                    let _ = stopped.await;
+                };
+                server::serve_on(listener, server_state, shutdown).await.unwrap();
+            });
+        });
+        let addr = addr_rx.recv().unwrap();
+        Self {
+            addr,
+            state,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    fn engine_stats<R>(&self, f: impl Fn(&EngineStats) -> R) -> R {
+        let resident = self.state.registry.resident();
+        f(resident[0].engine.stats())
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Reply {
+    status: u16,
+    headers: String,
+    body: String,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
+    }
+}
+
+/// One HTTP/1.1 request with `Connection: close`; reads the whole response (chunked bodies are
+/// de-chunked).
+fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Reply {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (headers, rest) = text.split_once("\r\n\r\n").unwrap();
+    let status = headers.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = if headers.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        dechunk(rest)
+    } else {
+        rest.to_string()
+    };
+    Reply {
+        status,
+        headers: headers.to_string(),
+        body,
+    }
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = &rest[n + 2..];
+    }
+    out
+}
+
+fn post(addr: SocketAddr, path: &str, body: Value) -> Reply {
+    http(addr, "POST", path, body.to_string().as_bytes())
+}
+
+fn code_prompt() -> (String, String) {
+    let r = reference("smollm2");
+    let case = &r.chat[2];
+    (case.messages[0].content.clone(), case.greedy_text.clone())
+}
+
+#[test]
+fn openai_chat_answers_like_the_engine_streamed_or_not() {
+    let srv = TestServer::start(Limits::default());
+    let (question, expected) = code_prompt();
+    let req = json!({"model": "smollm2-135m", "messages": [{"role": "user", "content": question}],
+                     "temperature": 0, "max_tokens": 32});
+    let r = post(srv.addr, "/v1/chat/completions", req.clone());
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    assert_eq!(v["choices"][0]["message"]["content"], expected.as_str());
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert_eq!(v["usage"]["completion_tokens"], 32);
+    assert_eq!(v["object"], "chat.completion");
+
+    let mut streamed = req;
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let r = post(srv.addr, "/v1/chat/completions", streamed);
+    assert_eq!(r.status, 200);
+    assert!(r.headers.to_ascii_lowercase().contains("text/event-stream"));
+    let events: Vec<&str> = r.body.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+    assert_eq!(events.last(), Some(&"[DONE]"));
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text, expected);
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let usage = chunks.last().unwrap();
+    assert_eq!(usage["usage"]["completion_tokens"], 32);
+    assert!(chunks.iter().any(|c| c["choices"][0]["finish_reason"] == "length"));
+}
+
+#[test]
+fn openai_completions_logprobs_and_models() {
+    let srv = TestServer::start(Limits::default());
+    let r = post(
+        srv.addr,
+        "/v1/completions",
+        json!({"prompt": "The capital of France is", "max_tokens": 4, "temperature": 0, "logprobs": 2}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    let content = v["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(content.len(), 4);
+    assert!(content.iter().all(|t| t["logprob"].as_f64().unwrap() <= 0.0));
+    assert_eq!(content[0]["top_logprobs"].as_array().unwrap().len(), 2);
+    let models = http(srv.addr, "GET", "/v1/models", b"").json();
+    let ids: Vec<&str> = models["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert!(ids.contains(&"smollm2-135m"), "{ids:?}");
+    assert_eq!(http(srv.addr, "GET", "/v1/models/smollm2", b"").json()["id"], "smollm2-135m");
+    assert_eq!(http(srv.addr, "GET", "/v1/models/nope", b"").status, 404);
+}
+
+#[test]
+fn ollama_generate_and_chat_stream_ndjson_with_durations() {
+    let srv = TestServer::start(Limits::default());
+    let r = post(
+        srv.addr,
+        "/api/generate",
+        json!({"model": "smollm2-135m:latest", "prompt": "Hi", "options": {"temperature": 0, "num_predict": 6}}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let lines: Vec<Value> = r.body.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let last = lines.last().unwrap();
+    assert_eq!(last["done"], true);
+    assert_eq!(last["done_reason"], "length");
+    assert_eq!(last["eval_count"], 6);
+    for key in ["total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration", "eval_duration"] {
+        assert!(last[key].as_u64().is_some(), "{key} missing in {last}");
+    }
+    let streamed: String = lines.iter().filter_map(|l| l["response"].as_str()).collect();
+
+    let r = post(
+        srv.addr,
+        "/api/chat",
+        json!({"model": "smollm2-135m", "messages": [{"role": "user", "content": "Hi"}], "stream": false,
+               "options": {"temperature": 0, "num_predict": 6}}),
+    );
+    let v = r.json();
+    assert_eq!(v["done"], true);
+    assert_eq!(v["message"]["role"], "assistant");
+    // /api/generate without `raw` applies the same chat template as /api/chat.
+    assert_eq!(v["message"]["content"].as_str().unwrap(), streamed);
+
+    let ps = http(srv.addr, "GET", "/api/ps", b"").json();
+    assert_eq!(ps["models"][0]["name"], "smollm2-135m:latest");
+    let tags = http(srv.addr, "GET", "/api/tags", b"").json();
+    assert!(tags["models"].as_array().unwrap().iter().any(|m| m["name"] == "smollm2-135m:latest"));
+    assert!(http(srv.addr, "GET", "/api/version", b"").json()["version"].is_string());
+    assert_eq!(http(srv.addr, "GET", "/", b"").body, "Ollama is running");
+    assert_eq!(http(srv.addr, "GET", "/health", b"").status, 200);
+    let show = post(srv.addr, "/api/show", json!({"model": "smollm2-135m"})).json();
+    assert_eq!(show["model_info"]["general.architecture"], "llama");
+}
+
+#[test]
+fn bad_input_gets_clear_errors_in_each_api_shape() {
+    let srv = TestServer::start(Limits {
+        max_body_bytes: 64 << 10,
+        ..Limits::default()
+    });
+    let a = srv.addr;
+    let user = json!([{"role": "user", "content": "Hi"}]);
+    let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
+        ("/v1/chat/completions", b"{not json".to_vec(), 400, "invalid request body"),
+        ("/v1/chat/completions", json!({"messages": "x"}).to_string().into_bytes(), 400, "invalid type"),
+        ("/v1/chat/completions", json!({"messages": []}).to_string().into_bytes(), 400, "messages must not be empty"),
+        ("/v1/chat/completions", json!({"messages": user, "temperature": -1}).to_string().into_bytes(), 400,
+         "temperature must be between 0 and 2, got -1"),
+        ("/v1/chat/completions", json!({"messages": user, "n": 2}).to_string().into_bytes(), 400, "only n = 1"),
+        ("/v1/chat/completions", json!({"messages": user, "max_tokens": -5}).to_string().into_bytes(), 400,
+         "max_tokens must be between 0"),
+        ("/v1/chat/completions", json!({"messages": user, "stop": vec!["x"; 17]}).to_string().into_bytes(), 400,
+         "at most 16"),
+        ("/v1/chat/completions", json!({"model": "nope", "messages": user}).to_string().into_bytes(), 404,
+         "available models: "),
+        ("/v1/chat/completions", vec![b'{', 0xff, 0xfe, b'}'], 400, "not valid UTF-8"),
+        ("/v1/chat/completions", vec![b' '; 100 << 10], 413, "larger than the server's limit"),
+    ];
+    for (path, body, status, needle) in cases {
+        let r = http(a, "POST", path, &body);
+        assert_eq!(r.status, status, "{path}: {}", r.body);
+        let v = r.json();
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(needle), "{msg:?} lacks {needle:?}");
+        assert!(v["error"]["type"].is_string());
+    }
+    // Ollama's shape: {"error": "..."}.
+    let r = post(a, "/api/chat", json!({"messages": user, "options": {"temperature": "hot"}}));
+    assert_eq!(r.status, 400);
+    assert!(r.json()["error"].as_str().unwrap().contains("invalid type"));
+    let r = post(a, "/api/generate", json!({"model": "nope", "prompt": "x"}));
+    assert_eq!(r.status, 404);
+    assert!(r.json()["error"].as_str().unwrap().contains("not found"));
+    // A prompt longer than the context (8192 tokens) is refused, not truncated.
+    let long = "hello ".repeat(9000);
+    let r = post(a, "/v1/completions", json!({"prompt": long}));
+    assert_eq!(r.status, 422, "{}", r.body);
+    assert!(r.json()["error"]["message"].as_str().unwrap().contains("context"));
+    // The server is still healthy after all of that.
+    assert_eq!(http(a, "GET", "/health", b"").status, 200);
+}
+
+#[test]
+fn full_model_gets_429_and_a_client_that_leaves_frees_its_place() {
+    let srv = TestServer::start(Limits {
+        max_pending_per_model: 1,
+        ..Limits::default()
+    });
+    // A long streaming request that we abandon after its first bytes.
+    let mut s = TcpStream::connect(srv.addr).unwrap();
+    let body = json!({"messages": [{"role": "user", "content": "Count to one thousand."}],
+                      "max_tokens": 4000, "stream": true, "temperature": 0})
+    .to_string();
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut first = [0u8; 64];
+    s.read_exact(&mut first).unwrap();
+    // The model is at capacity: the next request is refused at once with Retry-After.
+    let r = post(srv.addr, "/v1/chat/completions", json!({"messages": [{"role": "user", "content": "Hi"}]}));
+    assert_eq!(r.status, 429, "{}", r.body);
+    assert!(r.headers.to_ascii_lowercase().contains("retry-after: 1"));
+    assert_eq!(r.json()["error"]["type"], "rate_limit_error");
+    drop(s);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while srv.engine_stats(|st| EngineStats::get(&st.cancelled)) == 0 {
+        assert!(Instant::now() < deadline, "the abandoned stream was not cancelled");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(srv.engine_stats(|st| EngineStats::get(&st.generated_tokens)) < 1000);
+    let r = post(
+        srv.addr,
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+}
