@@ -38,7 +38,9 @@ impl TestServer {
                 let shutdown = async move {
                     let _ = stopped.await;
                 };
-                server::serve_on(listener, server_state, shutdown).await.unwrap();
+                server::serve_on(listener, server_state, shutdown)
+                    .await
+                    .unwrap();
             });
         });
         let addr = addr_rx.recv().unwrap();
@@ -95,7 +97,10 @@ fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Reply {
     let text = String::from_utf8_lossy(&raw).into_owned();
     let (headers, rest) = text.split_once("\r\n\r\n").unwrap();
     let status = headers.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = if headers.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    let body = if headers
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         dechunk(rest)
     } else {
         rest.to_string()
@@ -150,7 +155,11 @@ fn openai_chat_answers_like_the_engine_streamed_or_not() {
     let r = post(srv.addr, "/v1/chat/completions", streamed);
     assert_eq!(r.status, 200);
     assert!(r.headers.to_ascii_lowercase().contains("text/event-stream"));
-    let events: Vec<&str> = r.body.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+    let events: Vec<&str> = r
+        .body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
     assert_eq!(events.last(), Some(&"[DONE]"));
     let chunks: Vec<Value> = events[..events.len() - 1]
         .iter()
@@ -164,7 +173,9 @@ fn openai_chat_answers_like_the_engine_streamed_or_not() {
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
     let usage = chunks.last().unwrap();
     assert_eq!(usage["usage"]["completion_tokens"], 32);
-    assert!(chunks.iter().any(|c| c["choices"][0]["finish_reason"] == "length"));
+    assert!(chunks
+        .iter()
+        .any(|c| c["choices"][0]["finish_reason"] == "length"));
 }
 
 #[test]
@@ -179,12 +190,22 @@ fn openai_completions_logprobs_and_models() {
     let v = r.json();
     let content = v["choices"][0]["logprobs"]["content"].as_array().unwrap();
     assert_eq!(content.len(), 4);
-    assert!(content.iter().all(|t| t["logprob"].as_f64().unwrap() <= 0.0));
+    assert!(content
+        .iter()
+        .all(|t| t["logprob"].as_f64().unwrap() <= 0.0));
     assert_eq!(content[0]["top_logprobs"].as_array().unwrap().len(), 2);
     let models = http(srv.addr, "GET", "/v1/models", b"").json();
-    let ids: Vec<&str> = models["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
     assert!(ids.contains(&"smollm2-135m"), "{ids:?}");
-    assert_eq!(http(srv.addr, "GET", "/v1/models/smollm2", b"").json()["id"], "smollm2-135m");
+    assert_eq!(
+        http(srv.addr, "GET", "/v1/models/smollm2", b"").json()["id"],
+        "smollm2-135m"
+    );
     assert_eq!(http(srv.addr, "GET", "/v1/models/nope", b"").status, 404);
 }
 
@@ -197,15 +218,28 @@ fn ollama_generate_and_chat_stream_ndjson_with_durations() {
         json!({"model": "smollm2-135m:latest", "prompt": "Hi", "options": {"temperature": 0, "num_predict": 6}}),
     );
     assert_eq!(r.status, 200, "{}", r.body);
-    let lines: Vec<Value> = r.body.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<Value> = r
+        .body
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     let last = lines.last().unwrap();
     assert_eq!(last["done"], true);
     assert_eq!(last["done_reason"], "length");
     assert_eq!(last["eval_count"], 6);
-    for key in ["total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration", "eval_duration"] {
+    for key in [
+        "total_duration",
+        "load_duration",
+        "prompt_eval_count",
+        "prompt_eval_duration",
+        "eval_duration",
+    ] {
         assert!(last[key].as_u64().is_some(), "{key} missing in {last}");
     }
-    let streamed: String = lines.iter().filter_map(|l| l["response"].as_str()).collect();
+    let streamed: String = lines
+        .iter()
+        .filter_map(|l| l["response"].as_str())
+        .collect();
 
     let r = post(
         srv.addr,
@@ -222,7 +256,11 @@ fn ollama_generate_and_chat_stream_ndjson_with_durations() {
     let ps = http(srv.addr, "GET", "/api/ps", b"").json();
     assert_eq!(ps["models"][0]["name"], "smollm2-135m:latest");
     let tags = http(srv.addr, "GET", "/api/tags", b"").json();
-    assert!(tags["models"].as_array().unwrap().iter().any(|m| m["name"] == "smollm2-135m:latest"));
+    assert!(tags["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m["name"] == "smollm2-135m:latest"));
     assert!(http(srv.addr, "GET", "/api/version", b"").json()["version"].is_string());
     assert_eq!(http(srv.addr, "GET", "/", b"").body, "Ollama is running");
     assert_eq!(http(srv.addr, "GET", "/health", b"").status, 200);
@@ -239,20 +277,74 @@ fn bad_input_gets_clear_errors_in_each_api_shape() {
     let a = srv.addr;
     let user = json!([{"role": "user", "content": "Hi"}]);
     let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
-        ("/v1/chat/completions", b"{not json".to_vec(), 400, "invalid request body"),
-        ("/v1/chat/completions", json!({"messages": "x"}).to_string().into_bytes(), 400, "invalid type"),
-        ("/v1/chat/completions", json!({"messages": []}).to_string().into_bytes(), 400, "messages must not be empty"),
-        ("/v1/chat/completions", json!({"messages": user, "temperature": -1}).to_string().into_bytes(), 400,
-         "temperature must be between 0 and 2, got -1"),
-        ("/v1/chat/completions", json!({"messages": user, "n": 2}).to_string().into_bytes(), 400, "only n = 1"),
-        ("/v1/chat/completions", json!({"messages": user, "max_tokens": -5}).to_string().into_bytes(), 400,
-         "max_tokens must be between 0"),
-        ("/v1/chat/completions", json!({"messages": user, "stop": vec!["x"; 17]}).to_string().into_bytes(), 400,
-         "at most 16"),
-        ("/v1/chat/completions", json!({"model": "nope", "messages": user}).to_string().into_bytes(), 404,
-         "available models: "),
-        ("/v1/chat/completions", vec![b'{', 0xff, 0xfe, b'}'], 400, "not valid UTF-8"),
-        ("/v1/chat/completions", vec![b' '; 100 << 10], 413, "larger than the server's limit"),
+        (
+            "/v1/chat/completions",
+            b"{not json".to_vec(),
+            400,
+            "invalid request body",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": "x"}).to_string().into_bytes(),
+            400,
+            "invalid type",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": []}).to_string().into_bytes(),
+            400,
+            "messages must not be empty",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": user, "temperature": -1})
+                .to_string()
+                .into_bytes(),
+            400,
+            "temperature must be between 0 and 2, got -1",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": user, "n": 2}).to_string().into_bytes(),
+            400,
+            "only n = 1",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": user, "max_tokens": -5})
+                .to_string()
+                .into_bytes(),
+            400,
+            "max_tokens must be between 0",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": user, "stop": vec!["x"; 17]})
+                .to_string()
+                .into_bytes(),
+            400,
+            "at most 16",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "nope", "messages": user})
+                .to_string()
+                .into_bytes(),
+            404,
+            "available models: ",
+        ),
+        (
+            "/v1/chat/completions",
+            vec![b'{', 0xff, 0xfe, b'}'],
+            400,
+            "not valid UTF-8",
+        ),
+        (
+            "/v1/chat/completions",
+            vec![b' '; 100 << 10],
+            413,
+            "larger than the server's limit",
+        ),
     ];
     for (path, body, status, needle) in cases {
         let r = http(a, "POST", path, &body);
@@ -263,7 +355,11 @@ fn bad_input_gets_clear_errors_in_each_api_shape() {
         assert!(v["error"]["type"].is_string());
     }
     // Ollama's shape: {"error": "..."}.
-    let r = post(a, "/api/chat", json!({"messages": user, "options": {"temperature": "hot"}}));
+    let r = post(
+        a,
+        "/api/chat",
+        json!({"messages": user, "options": {"temperature": "hot"}}),
+    );
     assert_eq!(r.status, 400);
     assert!(r.json()["error"].as_str().unwrap().contains("invalid type"));
     let r = post(a, "/api/generate", json!({"model": "nope", "prompt": "x"}));
@@ -273,7 +369,10 @@ fn bad_input_gets_clear_errors_in_each_api_shape() {
     let long = "hello ".repeat(9000);
     let r = post(a, "/v1/completions", json!({"prompt": long}));
     assert_eq!(r.status, 422, "{}", r.body);
-    assert!(r.json()["error"]["message"].as_str().unwrap().contains("context"));
+    assert!(r.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("context"));
     // The server is still healthy after all of that.
     assert_eq!(http(a, "GET", "/health", b"").status, 200);
 }
@@ -298,14 +397,21 @@ fn full_model_gets_429_and_a_client_that_leaves_frees_its_place() {
     let mut first = [0u8; 64];
     s.read_exact(&mut first).unwrap();
     // The model is at capacity: the next request is refused at once with Retry-After.
-    let r = post(srv.addr, "/v1/chat/completions", json!({"messages": [{"role": "user", "content": "Hi"}]}));
+    let r = post(
+        srv.addr,
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "user", "content": "Hi"}]}),
+    );
     assert_eq!(r.status, 429, "{}", r.body);
     assert!(r.headers.to_ascii_lowercase().contains("retry-after: 1"));
     assert_eq!(r.json()["error"]["type"], "rate_limit_error");
     drop(s);
     let deadline = Instant::now() + Duration::from_secs(30);
     while srv.engine_stats(|st| EngineStats::get(&st.cancelled)) == 0 {
-        assert!(Instant::now() < deadline, "the abandoned stream was not cancelled");
+        assert!(
+            Instant::now() < deadline,
+            "the abandoned stream was not cancelled"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(srv.engine_stats(|st| EngineStats::get(&st.generated_tokens)) < 1000);

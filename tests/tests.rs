@@ -5,6 +5,7 @@
 mod util;
 
 mod cli;
+mod clients;
 mod engine;
 mod loader;
 mod reference;

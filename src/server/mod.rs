@@ -79,9 +79,15 @@ pub type Body = Result<Bytes, axum::extract::rejection::BytesRejection>;
 pub fn parse_json<T: DeserializeOwned>(body: &Body) -> Result<T, ApiError> {
     let body = body.as_ref().map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(ErrorKind::TooLarge, "request body is larger than the server's limit (--max-body-bytes)")
+            ApiError::new(
+                ErrorKind::TooLarge,
+                "request body is larger than the server's limit (--max-body-bytes)",
+            )
         } else {
-            ApiError::new(ErrorKind::Invalid, format!("cannot read the request body: {e}"))
+            ApiError::new(
+                ErrorKind::Invalid,
+                format!("cannot read the request body: {e}"),
+            )
         }
     })?;
     let text = std::str::from_utf8(body).map_err(|e| {
