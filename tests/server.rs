@@ -7,11 +7,11 @@ use std::time::{Duration, Instant};
 use candle_core::Device;
 use llmgenie::catalog::Catalog;
 use llmgenie::engine::EngineStats;
-use llmgenie::registry::Registry;
+use llmgenie::registry::{Budget, KeepAlive, Registry};
 use llmgenie::server::{self, AppState, Limits};
 use serde_json::{json, Value};
 
-use crate::util::{model_path, reference, root, SMOLLM2};
+use crate::util::{model_path, reference, root, GEMMA3, SMOLLM2};
 
 /// A server running on its own runtime thread; stopped when dropped.
 struct TestServer {
@@ -23,9 +23,20 @@ struct TestServer {
 
 impl TestServer {
     fn start(limits: Limits) -> Self {
+        Self::with_policy(
+            limits,
+            KeepAlive::For(Duration::from_secs(300)),
+            Budget::default(),
+        )
+    }
+
+    /// Both test models are servable; the reaper runs every 50 ms.
+    fn with_policy(limits: Limits, keep_alive: KeepAlive, budget: Budget) -> Self {
         let catalog = Catalog::load(&root().join("models")).unwrap();
-        let registry = Registry::new(catalog, Device::Cpu, "smollm2-135m");
+        let registry =
+            Registry::with_policy(catalog, Device::Cpu, "smollm2-135m", keep_alive, budget);
         registry.add_file("smollm2-135m", &model_path(SMOLLM2));
+        registry.add_file("gemma3-270m", &model_path(GEMMA3));
         let state = AppState::new(registry, limits);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
@@ -33,6 +44,9 @@ impl TestServer {
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Runtime::new().unwrap();
             rt.block_on(async move {
+                server_state
+                    .registry
+                    .spawn_reaper(Duration::from_millis(50));
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 addr_tx.send(listener.local_addr().unwrap()).unwrap();
                 let shutdown = async move {
@@ -49,6 +63,28 @@ impl TestServer {
             state,
             stop: Some(stop),
             thread: Some(thread),
+        }
+    }
+
+    fn resident(&self) -> Vec<String> {
+        self.state
+            .registry
+            .resident()
+            .into_iter()
+            .map(|r| r.name)
+            .collect()
+    }
+
+    /// Wait until the resident models are exactly `names`.
+    fn wait_resident(&self, names: &[&str]) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.resident() != names {
+            assert!(
+                Instant::now() < deadline,
+                "resident {:?}, expected {names:?}",
+                self.resident()
+            );
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -421,4 +457,108 @@ fn full_model_gets_429_and_a_client_that_leaves_frees_its_place() {
         json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}),
     );
     assert_eq!(r.status, 200, "{}", r.body);
+}
+
+fn quick(model: &str) -> Value {
+    json!({"model": model, "messages": [{"role": "user", "content": "Hi"}], "stream": false,
+           "options": {"num_predict": 2}})
+}
+
+#[test]
+fn keep_alive_expires_unloads_and_ollama_load_requests_work() {
+    let srv = TestServer::with_policy(
+        Limits::default(),
+        KeepAlive::For(Duration::from_secs(300)),
+        Budget::default(),
+    );
+    // A request's own keep_alive: resident for 1 s after it ends, then unloaded.
+    let mut req = quick("smollm2-135m");
+    req["keep_alive"] = json!("1s");
+    assert_eq!(post(srv.addr, "/api/chat", req).status, 200);
+    let ps = http(srv.addr, "GET", "/api/ps", b"").json();
+    assert_eq!(ps["models"][0]["name"], "smollm2-135m:latest");
+    assert!(ps["models"][0]["expires_at"]
+        .as_str()
+        .unwrap()
+        .starts_with("20"));
+    srv.wait_resident(&[]);
+    // An empty prompt loads the model...
+    let r = post(srv.addr, "/api/generate", json!({"model": "smollm2-135m"})).json();
+    assert_eq!(r["done_reason"], "load");
+    assert_eq!(srv.resident(), ["smollm2-135m"]);
+    // ...and with keep_alive 0 unloads it at once.
+    let r = post(
+        srv.addr,
+        "/api/generate",
+        json!({"model": "smollm2-135m", "keep_alive": 0}),
+    )
+    .json();
+    assert_eq!(r["done_reason"], "unload");
+    assert!(srv.resident().is_empty());
+    let bad = post(
+        srv.addr,
+        "/api/generate",
+        json!({"model": "smollm2-135m", "keep_alive": "soon"}),
+    );
+    assert_eq!(bad.status, 400);
+    assert!(bad.json()["error"].as_str().unwrap().contains("keep_alive"));
+}
+
+#[test]
+fn a_budget_of_one_model_evicts_the_idle_one_but_never_one_in_use() {
+    let srv = TestServer::with_policy(
+        Limits::default(),
+        KeepAlive::Forever,
+        Budget {
+            max_models: Some(1),
+            max_bytes: None,
+        },
+    );
+    assert_eq!(
+        post(srv.addr, "/api/chat", quick("smollm2-135m")).status,
+        200
+    );
+    assert_eq!(srv.resident(), ["smollm2-135m"]);
+    assert_eq!(
+        post(srv.addr, "/api/chat", quick("gemma3-270m")).status,
+        200
+    );
+    assert_eq!(
+        srv.resident(),
+        ["gemma3-270m"],
+        "the idle model was evicted"
+    );
+
+    // While gemma3 streams a long answer it is in use: loading smollm2 cannot evict it.
+    let mut s = TcpStream::connect(srv.addr).unwrap();
+    let body = json!({"model": "gemma3-270m", "prompt": "Count to one thousand:", "stream": true,
+                      "options": {"num_predict": 3000}})
+    .to_string();
+    write!(
+        s,
+        "POST /api/generate HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut first = [0u8; 64];
+    s.read_exact(&mut first).unwrap();
+    let r = post(srv.addr, "/api/chat", quick("smollm2-135m"));
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.json()["error"].as_str().unwrap().contains("in use"));
+    drop(s);
+    // Once the stream is gone the model is idle again and can make room.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = post(srv.addr, "/api/chat", quick("smollm2-135m"));
+        if r.status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "gemma3 never became idle: {}",
+            r.body
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(srv.resident(), ["smollm2-135m"]);
 }

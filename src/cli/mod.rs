@@ -74,6 +74,16 @@ pub struct ServeArgs {
     /// Requests running or queued per model before new ones get 429.
     #[arg(long, env = "LLMGENIE_MAX_PENDING", default_value_t = 32)]
     pub max_pending: usize,
+    /// How long a model that was not preloaded stays resident after its last request
+    /// ("5m", "1h", "30s", seconds, or negative for forever). Requests may override it.
+    #[arg(long, env = "LLMGENIE_KEEP_ALIVE", default_value = "5m")]
+    pub keep_alive: String,
+    /// Most models resident at once (idle ones are evicted to make room).
+    #[arg(long, env = "LLMGENIE_MAX_MODELS")]
+    pub max_models: Option<usize>,
+    /// Most bytes of model files resident at once, e.g. 8G or 512M.
+    #[arg(long, env = "LLMGENIE_MAX_MEMORY")]
+    pub max_memory: Option<String>,
 }
 
 /// Which model and where it runs.

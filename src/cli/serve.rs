@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use anyhow::{Context, Result};
 use llmgenie::catalog::{models_dir, Catalog, CatalogError};
 use llmgenie::model::select_device;
-use llmgenie::registry::Registry;
+use llmgenie::registry::{Budget, KeepAlive, Registry};
 use llmgenie::server::{self, AppState, Limits};
 
 use super::commands::set_threads;
@@ -36,9 +36,16 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         preload.push((name, path));
     }
     let default = preload.first().map(|(n, _)| n.clone()).unwrap_or_default();
-    let registry = Registry::new(catalog, device, &default);
+    let keep_alive =
+        KeepAlive::parse(&args.keep_alive).map_err(|e| anyhow::anyhow!("--keep-alive: {e}"))?;
+    let budget = Budget {
+        max_models: args.max_models,
+        max_bytes: args.max_memory.as_deref().map(parse_bytes).transpose()?,
+    };
+    let registry = Registry::with_policy(catalog, device, &default, keep_alive, budget);
     for (name, path) in &preload {
         registry.add_file(name, path);
+        registry.pin(name);
     }
     let ip: IpAddr = args
         .host
@@ -54,6 +61,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     );
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {
+        registry.spawn_reaper(std::time::Duration::from_millis(250));
         for (name, _) in preload {
             let registry = registry.clone();
             // Loads run in the background: /health answers 503 until they are done.
@@ -67,6 +75,23 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         server::serve(state, addr, shutdown_signal()).await
     })?;
     Ok(())
+}
+
+/// `8G`, `512M`, `1024K` or plain bytes.
+fn parse_bytes(text: &str) -> Result<u64> {
+    let t = text.trim().to_ascii_uppercase();
+    let t = t.strip_suffix('B').unwrap_or(&t);
+    let (num, mult) = match t.chars().last() {
+        Some('K') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('M') => (&t[..t.len() - 1], 1 << 20),
+        Some('G') => (&t[..t.len() - 1], 1 << 30),
+        Some('T') => (&t[..t.len() - 1], 1 << 40),
+        _ => (t, 1),
+    };
+    let value: f64 = num.trim().parse().with_context(|| {
+        format!("--max-memory must look like 8G, 512M or a byte count, got '{text}'")
+    })?;
+    Ok((value * mult as f64) as u64)
 }
 
 /// SIGINT (Ctrl-C) or SIGTERM.

@@ -80,7 +80,7 @@ impl ApiError {
 
     fn with_headers(&self, mut resp: Response) -> Response {
         *resp.status_mut() = self.status();
-        if self.kind == ErrorKind::Busy {
+        if matches!(self.kind, ErrorKind::Busy | ErrorKind::Unavailable) {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
@@ -95,6 +95,7 @@ impl From<RegistryError> for ApiError {
                 ErrorKind::NotFound
             }
             RegistryError::Load { .. } => ErrorKind::Internal,
+            RegistryError::NoRoom { .. } => ErrorKind::Unavailable,
         };
         let mut err = ApiError::new(kind, e.to_string());
         err.param = Some("model".into());

@@ -102,9 +102,12 @@ pub fn parse_json<T: DeserializeOwned>(body: &Body) -> Result<T, ApiError> {
 
 /// The current UTC time as RFC 3339 (`2026-11-29T16:10:20.123Z`).
 pub fn rfc3339() -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
+    rfc3339_at(std::time::SystemTime::now())
+}
+
+/// A UTC time as RFC 3339.
+pub fn rfc3339_at(t: std::time::SystemTime) -> String {
+    let now = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     let secs = now.as_secs() as i64;
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).

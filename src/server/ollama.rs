@@ -12,9 +12,10 @@ use serde_json::{json, Value};
 
 use super::error::{ApiError, OllamaError};
 use super::run::{self, check_stop, Job, PromptInput, ValidGenerate};
-use super::{parse_json, rfc3339, AppState, Body};
+use super::{parse_json, rfc3339, rfc3339_at, AppState, Body};
 use crate::chat::Message;
 use crate::engine::{Event, Finished};
+use crate::registry::KeepAlive;
 use crate::sampler::SamplingParams;
 
 /// `options` of a request; every field optional, defaults as Ollama's.
@@ -56,6 +57,7 @@ struct GenerateRequest {
     format: Option<Value>,
     #[serde(default)]
     options: Options,
+    keep_alive: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -68,6 +70,7 @@ struct ChatRequest {
     format: Option<Value>,
     #[serde(default)]
     options: Options,
+    keep_alive: Option<Value>,
 }
 
 fn int_range(name: &str, v: Option<i64>, lo: i64, hi: i64) -> Result<Option<i64>, ApiError> {
@@ -85,6 +88,7 @@ fn validate(
     prompt: PromptInput,
     o: Options,
     format: Option<Value>,
+    keep_alive: Option<KeepAlive>,
 ) -> Result<ValidGenerate, ApiError> {
     if let Some(f) = format {
         if !(f.is_null() || f == json!("")) {
@@ -123,6 +127,7 @@ fn validate(
         params,
         max_tokens,
         stop: check_stop("options.stop", o.stop.unwrap_or_default())?,
+        keep_alive,
     })
 }
 
@@ -148,12 +153,26 @@ fn merge(mut a: Value, b: Value) -> Value {
     a
 }
 
-/// Load the model and answer with an empty, finished response (Ollama's "load" request).
-async fn load_only(state: &AppState, model: &str, chat: bool) -> Result<Response, OllamaError> {
-    let (name, _) = state.registry.resolve(model)?;
-    state.registry.get(&name).await?;
+/// An empty request loads the model (or, with `keep_alive: 0`, unloads it) and answers with an
+/// empty, finished response, as Ollama does.
+async fn load_only(
+    state: &AppState,
+    model: &str,
+    keep_alive: Option<KeepAlive>,
+    chat: bool,
+) -> Result<Response, OllamaError> {
+    let unload = keep_alive == Some(KeepAlive::For(std::time::Duration::ZERO));
+    let lease = state.registry.acquire(model, keep_alive).await?;
+    let name = lease.name.clone();
+    drop(lease);
+    if unload {
+        let registry = state.registry.clone();
+        // Unloading joins the model's thread: off the async workers.
+        let _ = tokio::task::spawn_blocking(move || registry.reap()).await;
+    }
+    let reason = if unload { "unload" } else { "load" };
     let mut body =
-        json!({"model": name, "created_at": rfc3339(), "done": true, "done_reason": "load"});
+        json!({"model": name, "created_at": rfc3339(), "done": true, "done_reason": reason});
     if chat {
         body["message"] = json!({"role": "assistant", "content": ""});
     } else {
@@ -165,8 +184,9 @@ async fn load_only(state: &AppState, model: &str, chat: bool) -> Result<Response
 /// `POST /api/generate`
 pub async fn generate(State(state): State<AppState>, body: Body) -> Result<Response, OllamaError> {
     let r: GenerateRequest = parse_json(&body)?;
+    let keep_alive = run::parse_keep_alive(r.keep_alive.as_ref())?;
     if r.prompt.is_empty() && r.system.is_none() {
-        return load_only(&state, &r.model, false).await;
+        return load_only(&state, &r.model, keep_alive, false).await;
     }
     let prompt = if r.raw {
         PromptInput::Raw(r.prompt)
@@ -184,15 +204,16 @@ pub async fn generate(State(state): State<AppState>, body: Body) -> Result<Respo
         });
         PromptInput::Chat(messages)
     };
-    let valid = validate(r.model, prompt, r.options, r.format)?;
+    let valid = validate(r.model, prompt, r.options, r.format, keep_alive)?;
     respond(state, valid, r.stream.unwrap_or(true), false).await
 }
 
 /// `POST /api/chat`
 pub async fn chat(State(state): State<AppState>, body: Body) -> Result<Response, OllamaError> {
     let r: ChatRequest = parse_json(&body)?;
+    let keep_alive = run::parse_keep_alive(r.keep_alive.as_ref())?;
     if r.messages.is_empty() {
-        return load_only(&state, &r.model, true).await;
+        return load_only(&state, &r.model, keep_alive, true).await;
     }
     let mut messages = Vec::with_capacity(r.messages.len());
     for (i, m) in r.messages.into_iter().enumerate() {
@@ -211,7 +232,13 @@ pub async fn chat(State(state): State<AppState>, body: Body) -> Result<Response,
             content: m.content,
         });
     }
-    let valid = validate(r.model, PromptInput::Chat(messages), r.options, r.format)?;
+    let valid = validate(
+        r.model,
+        PromptInput::Chat(messages),
+        r.options,
+        r.format,
+        keep_alive,
+    )?;
     respond(state, valid, r.stream.unwrap_or(true), true).await
 }
 
@@ -319,7 +346,8 @@ pub async fn ps(State(state): State<AppState>) -> Json<Value> {
                 "size": r.engine.info().file_size,
                 "digest": "",
                 "details": details(&state, &r.name),
-                "expires_at": "2318-01-01T00:00:00Z",
+                // Ollama reports a far-future time for models kept forever.
+                "expires_at": r.expires_at.map_or_else(|| "2318-01-01T00:00:00Z".to_string(), rfc3339_at),
                 "size_vram": 0,
             })
         })

@@ -90,6 +90,8 @@ struct Common {
     stream: bool,
     stream_options: Option<StreamOptions>,
     response_format: Option<ResponseFormat>,
+    /// Extension (Ollama's semantics): how long the model stays resident afterwards.
+    keep_alive: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -176,6 +178,7 @@ fn validate_common(
     };
     let stop = check_stop("stop", c.stop.map(OneOrMany::into_vec).unwrap_or_default())?;
     let include_usage = c.stream_options.is_some_and(|o| o.include_usage);
+    let keep_alive = run::parse_keep_alive(c.keep_alive.as_ref())?;
     Ok((
         ValidGenerate {
             model: c.model,
@@ -183,6 +186,7 @@ fn validate_common(
             params,
             max_tokens,
             stop,
+            keep_alive,
         },
         c.stream,
         include_usage,

@@ -12,6 +12,7 @@ use super::error::{ApiError, ErrorKind};
 use super::AppState;
 use crate::chat::Message;
 use crate::engine::{Engine, Event, Finished, GenerateRequest, TokenEvent};
+use crate::registry::{KeepAlive, Lease};
 use crate::sampler::SamplingParams;
 
 /// Most stop strings a request may give.
@@ -37,6 +38,28 @@ pub struct ValidGenerate {
     /// `None`: until the answer ends or the context is full.
     pub max_tokens: Option<usize>,
     pub stop: Vec<String>,
+    /// How long the model stays resident after this request (`None`: the model's default).
+    pub keep_alive: Option<KeepAlive>,
+}
+
+/// Parse a `keep_alive` field: a duration string or a number of seconds.
+///
+/// # Errors
+/// Any other value.
+pub fn parse_keep_alive(v: Option<&serde_json::Value>) -> Result<Option<KeepAlive>, ApiError> {
+    let bad = |m: String| ApiError::invalid("keep_alive", m);
+    match v {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::Number(n)) => n
+            .as_f64()
+            .and_then(KeepAlive::from_seconds)
+            .map(Some)
+            .ok_or_else(|| bad(format!("invalid keep_alive {n}"))),
+        Some(serde_json::Value::String(s)) => KeepAlive::parse(s).map(Some).map_err(bad),
+        Some(other) => Err(bad(format!(
+            "keep_alive must be a duration like \"5m\" or a number of seconds, got {other}"
+        ))),
+    }
 }
 
 /// Check stop strings against the limits.
@@ -69,6 +92,8 @@ pub fn check_stop(param: &str, stop: Vec<String>) -> Result<Vec<String>, ApiErro
 pub struct Job {
     pub model: String,
     pub engine: Arc<Engine>,
+    /// Holds the model in use until the job ends; then its keep-alive starts.
+    _lease: Lease,
     pub events: UnboundedReceiver<Event>,
     pub prompt_tokens: usize,
     /// Time spent waiting for the model to load (zero when it was resident).
@@ -83,8 +108,9 @@ pub struct Job {
 /// Unknown model (404), prompt too long (422), too many requests (429), bad sampling (400).
 pub async fn start(state: &AppState, req: ValidGenerate) -> Result<Job, ApiError> {
     let started = Instant::now();
-    let (model, _) = state.registry.resolve(&req.model)?;
-    let engine = state.registry.get(&model).await?;
+    let lease = state.registry.acquire(&req.model, req.keep_alive).await?;
+    let model = lease.name.clone();
+    let engine = lease.engine.clone();
     let load_time = started.elapsed();
     let prompt_engine = engine.clone();
     let prompt = req.prompt;
@@ -136,6 +162,7 @@ pub async fn start(state: &AppState, req: ValidGenerate) -> Result<Job, ApiError
     Ok(Job {
         model,
         engine,
+        _lease: lease,
         events,
         prompt_tokens,
         load_time,
