@@ -32,12 +32,21 @@ impl TestServer {
 
     /// Both test models are servable; the reaper runs every 50 ms.
     fn with_policy(limits: Limits, keep_alive: KeepAlive, budget: Budget) -> Self {
+        Self::configured(limits, keep_alive, budget, |s| s)
+    }
+
+    fn configured(
+        limits: Limits,
+        keep_alive: KeepAlive,
+        budget: Budget,
+        configure: impl FnOnce(AppState) -> AppState,
+    ) -> Self {
         let catalog = Catalog::load(&root().join("models")).unwrap();
         let registry =
             Registry::with_policy(catalog, Device::Cpu, "smollm2-135m", keep_alive, budget);
         registry.add_file("smollm2-135m", &model_path(SMOLLM2));
         registry.add_file("gemma3-270m", &model_path(GEMMA3));
-        let state = AppState::new(registry, limits);
+        let state = configure(AppState::new(registry, limits));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let server_state = state.clone();
@@ -120,10 +129,15 @@ impl Reply {
 /// One HTTP/1.1 request with `Connection: close`; reads the whole response (chunked bodies are
 /// de-chunked).
 fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Reply {
+    http_with(addr, method, path, body, "")
+}
+
+/// As [`http`], with extra header lines (each ending in `\r\n`).
+fn http_with(addr: SocketAddr, method: &str, path: &str, body: &[u8], extra: &str) -> Reply {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
     let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n",
         body.len()
     );
     s.write_all(head.as_bytes()).unwrap();
@@ -561,4 +575,68 @@ fn a_budget_of_one_model_evicts_the_idle_one_but_never_one_in_use() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(srv.resident(), ["smollm2-135m"]);
+}
+
+#[test]
+fn api_key_and_cors_when_configured() {
+    let srv = TestServer::configured(
+        Limits::default(),
+        KeepAlive::Forever,
+        Budget::default(),
+        |s| {
+            s.with_api_key(Some("s3cret".into()))
+                .with_cors_origins(vec!["http://app.example".into()])
+        },
+    );
+    let a = srv.addr;
+    let body = quick("smollm2-135m").to_string();
+    // Open routes need no key.
+    assert_eq!(http(a, "GET", "/health", b"").status, 200);
+    assert_eq!(http(a, "GET", "/", b"").status, 200);
+    // Everything else does, in each API's error shape.
+    let r = http(a, "GET", "/v1/models", b"");
+    assert_eq!(r.status, 401);
+    assert_eq!(r.json()["error"]["type"], "authentication_error");
+    let r = http(a, "POST", "/api/chat", body.as_bytes());
+    assert_eq!(r.status, 401);
+    assert!(r.json()["error"].as_str().unwrap().contains("API key"));
+    let r = http_with(
+        a,
+        "POST",
+        "/api/chat",
+        body.as_bytes(),
+        "Authorization: Bearer wrong\r\n",
+    );
+    assert_eq!(r.status, 401);
+    let r = http_with(
+        a,
+        "POST",
+        "/api/chat",
+        body.as_bytes(),
+        "Authorization: Bearer s3cret\r\n",
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    // CORS: the configured origin gets a preflight answer and tagged responses; others nothing.
+    let pre = http_with(
+        a,
+        "OPTIONS",
+        "/v1/chat/completions",
+        b"",
+        "Origin: http://app.example\r\n",
+    );
+    assert_eq!(pre.status, 204);
+    let h = pre.headers.to_ascii_lowercase();
+    assert!(
+        h.contains("access-control-allow-origin: http://app.example"),
+        "{h}"
+    );
+    assert!(
+        h.contains("access-control-allow-headers: authorization"),
+        "{h}"
+    );
+    let other = http_with(a, "GET", "/health", b"", "Origin: http://evil.example\r\n");
+    assert!(!other
+        .headers
+        .to_ascii_lowercase()
+        .contains("access-control-allow-origin"));
 }

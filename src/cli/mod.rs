@@ -84,6 +84,16 @@ pub struct ServeArgs {
     /// Most bytes of model files resident at once, e.g. 8G or 512M.
     #[arg(long, env = "LLMGENIE_MAX_MEMORY")]
     pub max_memory: Option<String>,
+    /// Require `Authorization: Bearer KEY` on every route but /health and GET /.
+    #[arg(long, env = "LLMGENIE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Browser origins allowed to call the API (repeatable or comma-separated; `*` for any).
+    #[arg(
+        long = "cors-origin",
+        env = "LLMGENIE_CORS_ORIGINS",
+        value_delimiter = ','
+    )]
+    pub cors_origins: Vec<String>,
 }
 
 /// Which model and where it runs.

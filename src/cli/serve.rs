@@ -58,7 +58,9 @@ pub fn serve(args: ServeArgs) -> Result<()> {
             max_body_bytes: args.max_body_bytes,
             max_pending_per_model: args.max_pending.max(1),
         },
-    );
+    )
+    .with_api_key(args.api_key.clone())
+    .with_cors_origins(args.cors_origins.clone());
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {
         registry.spawn_reaper(std::time::Duration::from_millis(250));

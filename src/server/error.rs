@@ -16,6 +16,8 @@ pub enum ErrorKind {
     Invalid,
     /// The body is larger than the limit (413).
     TooLarge,
+    /// No or a wrong API key (401).
+    Unauthorized,
     /// The model does not exist (404).
     NotFound,
     /// Valid JSON that cannot be processed, e.g. a prompt longer than the context (422).
@@ -57,6 +59,7 @@ impl ApiError {
         match self.kind {
             ErrorKind::Invalid => StatusCode::BAD_REQUEST,
             ErrorKind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
             ErrorKind::NotFound => StatusCode::NOT_FOUND,
             ErrorKind::Unprocessable => StatusCode::UNPROCESSABLE_ENTITY,
             ErrorKind::Busy => StatusCode::TOO_MANY_REQUESTS,
@@ -72,6 +75,7 @@ impl ApiError {
                 "invalid_request_error"
             }
             ErrorKind::NotFound => "not_found_error",
+            ErrorKind::Unauthorized => "authentication_error",
             ErrorKind::Busy => "rate_limit_error",
             ErrorKind::Unavailable => "service_unavailable",
             ErrorKind::Internal => "server_error",

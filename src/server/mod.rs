@@ -5,6 +5,7 @@
 //! [`run::ValidGenerate`]; everything after that trusts the type.
 
 pub mod error;
+mod guard;
 mod ollama;
 mod openai;
 pub mod run;
@@ -50,6 +51,10 @@ pub struct AppState {
     pub limits: Limits,
     /// Set while shutting down: `/health` answers 503.
     pub draining: Arc<AtomicBool>,
+    /// When set, every route but `/health` and `GET /` needs `Authorization: Bearer KEY`.
+    pub api_key: Option<Arc<str>>,
+    /// Origins allowed to call from a browser (`*` for any); empty: CORS off.
+    pub cors_origins: Arc<[String]>,
     ids: Arc<AtomicU64>,
 }
 
@@ -59,8 +64,24 @@ impl AppState {
             registry,
             limits,
             draining: Arc::new(AtomicBool::new(false)),
+            api_key: None,
+            cors_origins: Arc::from(Vec::new()),
             ids: Arc::new(AtomicU64::new(1)),
         }
+    }
+
+    /// Require this API key (`None`: open).
+    #[must_use]
+    pub fn with_api_key(mut self, key: Option<String>) -> Self {
+        self.api_key = key.filter(|k| !k.is_empty()).map(Arc::from);
+        self
+    }
+
+    /// Allow these browser origins (default: none).
+    #[must_use]
+    pub fn with_cors_origins(mut self, origins: Vec<String>) -> Self {
+        self.cors_origins = Arc::from(origins);
+        self
     }
 
     /// A process-unique number for response ids.
@@ -159,7 +180,7 @@ async fn root() -> &'static str {
     "Ollama is running"
 }
 
-async fn too_large_or_unknown() -> error::OpenAiError {
+async fn unknown_route() -> error::OpenAiError {
     error::OpenAiError(ApiError::new(ErrorKind::NotFound, "no such route"))
 }
 
@@ -179,8 +200,16 @@ pub fn router(state: AppState) -> Router {
         .route("/api/ps", get(ollama::ps))
         .route("/api/show", post(ollama::show))
         .route("/api/version", get(ollama::version))
-        .fallback(too_large_or_unknown)
+        .fallback(unknown_route)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            guard::require_key,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            guard::cors,
+        ))
         .with_state(state)
 }
 
