@@ -15,6 +15,7 @@
 //!   per-sequence KV cache, and device selection.
 //! - [`sampler`]: temperature, top-k/p, min-p, penalties, seeds, log-probabilities.
 //! - [`stop`]: stop strings matched across token boundaries.
+//! - [`json_mode`]: a JSON object prefix validator that constrains decoding in JSON mode.
 //! - [`engine`]: a resident model on its own named thread; requests in, events out.
 //! - [`catalog`]: named models (`models/catalog.toml`) and `--model` resolution.
 //! - [`pull`]: downloads from the Hugging Face hub with checksums.
@@ -27,6 +28,7 @@ pub mod catalog;
 pub mod chat;
 pub mod engine;
 pub mod gguf;
+pub mod json_mode;
 pub mod model;
 pub mod pull;
 pub mod registry;

@@ -126,7 +126,6 @@ impl Sampler {
     /// Choose the next token. `history` is every token of the sequence so far (prompt included).
     /// Returns `None` only for empty or all-NaN logits.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> Option<Sampled> {
-        let (max, log_z) = log_normaliser(logits)?;
         // Copy the logits only when a penalty will change them.
         let penalised = self.has_penalties().then(|| {
             let mut adjusted = logits.to_vec();
@@ -134,11 +133,89 @@ impl Sampler {
             adjusted
         });
         let adjusted = penalised.as_deref().unwrap_or(logits);
-        let token = if self.params.temperature <= 0.0 {
-            argmax(adjusted)?
+        let token = self.choose(adjusted)?;
+        self.finish(logits, token)
+    }
+
+    /// As [`Sampler::sample`], among the tokens `allowed` accepts (a grammar, say). Candidates
+    /// are offered best first and only as many as the sampling settings can use are collected,
+    /// so a cheap check on a few hundred tokens usually decides. `None` when no token is allowed.
+    pub fn sample_masked(
+        &mut self,
+        logits: &[f32],
+        history: &[u32],
+        allowed: &mut dyn FnMut(u32) -> bool,
+    ) -> Option<Sampled> {
+        let mut adjusted = logits.to_vec();
+        if self.has_penalties() {
+            self.apply_penalties(&mut adjusted, history);
+        }
+        let p = &self.params;
+        let want = if p.temperature <= 0.0 {
+            1
+        } else if p.top_k > 0 {
+            p.top_k
         } else {
-            self.draw(adjusted)?
+            256
         };
+        let mut order: Vec<u32> = (0..adjusted.len() as u32)
+            .filter(|&i| !adjusted[i as usize].is_nan())
+            .collect();
+        let by_logit = |a: &u32, b: &u32| {
+            adjusted[*b as usize]
+                .total_cmp(&adjusted[*a as usize])
+                .then(a.cmp(b))
+        };
+        // Look at the best 1024 first; fall back to the whole vocabulary when too few pass.
+        let head = order.len().min(1024);
+        if head < order.len() {
+            order.select_nth_unstable_by(head - 1, by_logit);
+        }
+        order[..head].sort_unstable_by(by_logit);
+        let mut kept: Vec<u32> = Vec::with_capacity(want);
+        for &t in &order[..head] {
+            if kept.len() == want {
+                break;
+            }
+            if allowed(t) {
+                kept.push(t);
+            }
+        }
+        if kept.len() < want && head < order.len() {
+            let mut rest = order[head..].to_vec();
+            rest.sort_unstable_by(by_logit);
+            for t in rest {
+                if kept.len() == want {
+                    break;
+                }
+                if allowed(t) {
+                    kept.push(t);
+                }
+            }
+        }
+        if kept.is_empty() {
+            return None;
+        }
+        let mut masked = vec![f32::NEG_INFINITY; adjusted.len()];
+        for &t in &kept {
+            masked[t as usize] = adjusted[t as usize];
+        }
+        let token = self.choose(&masked)?;
+        self.finish(logits, token)
+    }
+
+    /// Greedy or a draw, on already penalised logits.
+    fn choose(&mut self, adjusted: &[f32]) -> Option<u32> {
+        if self.params.temperature <= 0.0 {
+            argmax(adjusted)
+        } else {
+            self.draw(adjusted)
+        }
+    }
+
+    /// The model's log-probabilities for the chosen token and the best alternatives.
+    fn finish(&self, logits: &[f32], token: u32) -> Option<Sampled> {
+        let (max, log_z) = log_normaliser(logits)?;
         let logprob = logits
             .get(token as usize)
             .map_or(f32::NEG_INFINITY, |l| l - max - log_z);
@@ -409,6 +486,30 @@ mod tests {
         let mut s = Sampler::new(p);
         // presence counts once: 2.0 - 0.4 = 1.6 > 1.5
         assert_eq!(s.sample(&[2.0, 1.5], &[0, 0]).unwrap().token, 0);
+    }
+
+    #[test]
+    fn masked_sampling_only_picks_allowed_tokens() {
+        let logits = [5.0f32, 4.0, 3.0, 2.0, 1.0];
+        let mut greedy = Sampler::new(SamplingParams::greedy());
+        let out = greedy
+            .sample_masked(&logits, &[], &mut |t| t % 2 == 1)
+            .unwrap();
+        assert_eq!(out.token, 1);
+        // Log-probabilities stay those of the unconstrained model.
+        let plain = Sampler::new(SamplingParams::greedy())
+            .sample(&logits, &[])
+            .unwrap();
+        assert!(out.logprob < plain.logprob);
+        let mut s = Sampler::new(params(1.5));
+        for _ in 0..50 {
+            let t = s
+                .sample_masked(&logits, &[], &mut |t| t >= 3)
+                .unwrap()
+                .token;
+            assert!(t >= 3);
+        }
+        assert!(greedy.sample_masked(&logits, &[], &mut |_| false).is_none());
     }
 
     #[test]

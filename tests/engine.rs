@@ -52,6 +52,7 @@ fn greedy(prompt: Vec<u32>, max_tokens: usize) -> GenerateRequest {
         params: SamplingParams::greedy(),
         max_tokens: Some(max_tokens),
         stop: Vec::new(),
+        json: false,
     }
 }
 
@@ -103,6 +104,7 @@ fn same_seed_same_answer() {
             },
             max_tokens: Some(24),
             stop: Vec::new(),
+            json: false,
         };
         collect(&e, req).0
     };

@@ -640,3 +640,41 @@ fn api_key_and_cors_when_configured() {
         .to_ascii_lowercase()
         .contains("access-control-allow-origin"));
 }
+
+#[test]
+fn json_mode_answers_always_parse() {
+    let srv = TestServer::start(Limits::default());
+    for seed in 0..4 {
+        let r = post(
+            srv.addr,
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "Describe a cat as JSON with name and age."}],
+                   "response_format": {"type": "json_object"}, "temperature": 1.0, "seed": seed,
+                   "max_tokens": 200}),
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        let v = r.json();
+        let content = v["choices"][0]["message"]["content"].as_str().unwrap();
+        if v["choices"][0]["finish_reason"] == "stop" {
+            let parsed: Value =
+                serde_json::from_str(content).unwrap_or_else(|e| panic!("{e}: {content}"));
+            assert!(parsed.is_object());
+        }
+    }
+    let r = post(
+        srv.addr,
+        "/api/generate",
+        json!({"model": "smollm2-135m", "prompt": "List three colors as JSON.", "format": "json",
+               "stream": false, "options": {"temperature": 0, "num_predict": 200}}),
+    );
+    let v = r.json();
+    assert_eq!(v["done_reason"], "stop", "{v}");
+    let parsed: Value = serde_json::from_str(v["response"].as_str().unwrap()).unwrap();
+    assert!(parsed.is_object());
+    let bad = post(
+        srv.addr,
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}}),
+    );
+    assert_eq!(bad.status, 400);
+}

@@ -109,6 +109,7 @@ pub(super) fn generate(
         params: args.sampling.params(),
         max_tokens: args.sampling.max_tokens,
         stop: args.sampling.stop.clone(),
+        json: false,
     };
     let mut events = engine.submit(request)?;
     let mut stdout = std::io::stdout().lock();

@@ -55,6 +55,8 @@ pub struct GenerateRequest {
     pub max_tokens: Option<usize>,
     /// Stop strings; never emitted.
     pub stop: Vec<String>,
+    /// Constrain the output to one JSON object (see [`crate::json_mode`]).
+    pub json: bool,
 }
 
 /// One generated token and the text it released.

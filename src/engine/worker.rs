@@ -14,6 +14,7 @@ use super::{
     Ready, TokenEvent,
 };
 use crate::chat::ChatTemplate;
+use crate::json_mode::JsonPrefix;
 use crate::model::{self, KvCache, Transformer};
 use crate::sampler::Sampler;
 use crate::stop::{StopMatcher, StopOutcome};
@@ -77,6 +78,8 @@ struct Sequence<'t> {
     sampler: Sampler,
     decoder: IncrementalDecoder<'t>,
     stops: StopMatcher,
+    /// The JSON object so far, in JSON mode.
+    json: Option<JsonPrefix>,
     /// Prompt then generated tokens.
     tokens: Vec<u32>,
     /// Tokens already in the cache.
@@ -101,6 +104,8 @@ fn serve(
     stats: &EngineStats,
 ) {
     let mut active: Vec<Sequence<'_>> = Vec::new();
+    // Each token's text, built on the first JSON-mode request.
+    let mut vocab: Option<Vec<Box<[u8]>>> = None;
     loop {
         // Block when idle; otherwise take what has arrived without waiting.
         while active.len() < MAX_ACTIVE {
@@ -123,11 +128,15 @@ fn serve(
                     events,
                     submitted,
                 } => {
+                    if request.json && vocab.is_none() {
+                        vocab = Some(token_bytes(tokenizer));
+                    }
                     active.push(Sequence {
                         cache: weights.new_cache(),
                         sampler: Sampler::new(request.params.clone()),
                         decoder: tokenizer.decoder(),
                         stops: StopMatcher::new(&request.stop),
+                        json: request.json.then(JsonPrefix::new),
                         tokens: request.prompt.clone(),
                         evaluated: 0,
                         generated: 0,
@@ -145,7 +154,7 @@ fn serve(
             let outcome = if seq.events.is_closed() {
                 Step::Cancelled
             } else {
-                match step(weights, tokenizer, seq) {
+                match step(weights, tokenizer, vocab.as_deref(), seq) {
                     Ok(s) => s,
                     Err(e) => {
                         tracing::warn!(error = %e, "generation failed");
@@ -179,10 +188,23 @@ fn serve(
     }
 }
 
+/// Every token's text as bytes; special tokens are empty (so JSON mode never picks them).
+fn token_bytes(tokenizer: &GgufTokenizer) -> Vec<Box<[u8]>> {
+    (0..tokenizer.vocab_size() as u32)
+        .map(|id| {
+            tokenizer
+                .decode(&[id], true)
+                .map(|s| s.into_bytes().into_boxed_slice())
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
 /// Advance one sequence by one prompt chunk or one generated token.
 fn step(
     weights: &Transformer,
     tokenizer: &GgufTokenizer,
+    vocab: Option<&[Box<[u8]>]>,
     seq: &mut Sequence<'_>,
 ) -> Result<Step, EngineError> {
     let prompt_len = seq.request.prompt.len();
@@ -197,10 +219,15 @@ fn step(
         return Ok(Step::Continue);
     }
     let logits: Vec<f32> = logits.to_vec1().map_err(model::ModelError::from)?;
-    let sampled = seq
-        .sampler
-        .sample(&logits, &seq.tokens)
-        .ok_or_else(|| EngineError::InvalidRequest("the model produced no valid logits".into()))?;
+    let sampled = match (&seq.json, vocab) {
+        (Some(json), Some(vocab)) => {
+            let mut allowed = |id: u32| vocab.get(id as usize).is_some_and(|b| json.accepts(b));
+            seq.sampler
+                .sample_masked(&logits, &seq.tokens, &mut allowed)
+        }
+        _ => seq.sampler.sample(&logits, &seq.tokens),
+    }
+    .ok_or_else(|| EngineError::InvalidRequest("no token can continue the answer".into()))?;
     let now = Instant::now();
     if seq.first_token.is_none() {
         seq.first_token = Some(now);
@@ -223,6 +250,14 @@ fn step(
     });
     if seq.events.send(event).is_err() {
         return Ok(Step::Cancelled);
+    }
+    if let (Some(json), Some(vocab)) = (&mut seq.json, vocab) {
+        if let Some(b) = vocab.get(sampled.token as usize) {
+            json.extend(b);
+        }
+        if json.is_complete() {
+            return finish(seq, FinishReason::Stop);
+        }
     }
     if stopped {
         return finish(seq, FinishReason::Stop);

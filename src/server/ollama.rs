@@ -90,14 +90,20 @@ fn validate(
     format: Option<Value>,
     keep_alive: Option<KeepAlive>,
 ) -> Result<ValidGenerate, ApiError> {
-    if let Some(f) = format {
-        if !(f.is_null() || f == json!("")) {
+    // "json" constrains the answer to a JSON object; a JSON schema is not enforced yet.
+    let json = match format {
+        None | Some(Value::Null) => false,
+        Some(Value::String(f)) if f.is_empty() => false,
+        Some(Value::String(f)) if f == "json" => true,
+        Some(other) => {
             return Err(ApiError::invalid(
                 "format",
-                "format (JSON mode) is not supported yet",
-            ));
+                format!(
+                    "format must be \"json\" (JSON schemas are not supported yet), got {other}"
+                ),
+            ))
         }
-    }
+    };
     let params =
         SamplingParams {
             temperature: o.temperature.unwrap_or(0.8),
@@ -128,6 +134,7 @@ fn validate(
         max_tokens,
         stop: check_stop("options.stop", o.stop.unwrap_or_default())?,
         keep_alive,
+        json,
     })
 }
 

@@ -144,17 +144,16 @@ fn validate_common(
             ));
         }
     }
-    if let Some(f) = &c.response_format {
-        if f.kind != "text" {
+    let json = match c.response_format.as_ref().map(|f| f.kind.as_str()) {
+        None | Some("text") => false,
+        Some("json_object") => true,
+        Some(other) => {
             return Err(ApiError::invalid(
                 "response_format",
-                format!(
-                    "response_format type '{}' is not supported yet; use 'text'",
-                    f.kind
-                ),
-            ));
+                format!("response_format type must be 'text' or 'json_object', got '{other}'"),
+            ))
         }
-    }
+    };
     let defaults = SamplingParams::default();
     let params = SamplingParams {
         temperature: c.temperature.unwrap_or(1.0),
@@ -187,6 +186,7 @@ fn validate_common(
             max_tokens,
             stop,
             keep_alive,
+            json,
         },
         c.stream,
         include_usage,

@@ -40,6 +40,8 @@ pub struct ValidGenerate {
     pub stop: Vec<String>,
     /// How long the model stays resident after this request (`None`: the model's default).
     pub keep_alive: Option<KeepAlive>,
+    /// Constrain the answer to one JSON object.
+    pub json: bool,
 }
 
 /// Parse a `keep_alive` field: a duration string or a number of seconds.
@@ -158,6 +160,7 @@ pub async fn start(state: &AppState, req: ValidGenerate) -> Result<Job, ApiError
         params: req.params,
         max_tokens,
         stop: req.stop,
+        json: req.json,
     })?;
     Ok(Job {
         model,
