@@ -7,6 +7,11 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    // The config file feeds the environment, so it must be read before the flags are parsed.
+    if let Err(e) = cli::config_file::apply() {
+        eprintln!("error: {e:#}");
+        return ExitCode::FAILURE;
+    }
     let args = cli::Cli::parse();
     cli::init_logging(args.verbose);
     match cli::dispatch(args) {

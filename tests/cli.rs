@@ -153,3 +153,41 @@ fn bench_json_has_the_documented_keys() {
         assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key} in {v}");
     }
 }
+
+#[test]
+fn config_file_feeds_flags_and_rejects_unknown_keys_and_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty-models");
+    std::fs::create_dir(&empty).unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::write(
+        &good,
+        format!("models_dir = {:?}\n", empty.to_str().unwrap()),
+    )
+    .unwrap();
+    // The file's models_dir has nothing downloaded.
+    let out = llmgenie(&["list", "--config", good.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!stdout(&out).contains("downloaded"), "{}", stdout(&out));
+    // A flag beats the file.
+    let models = root().join("models");
+    let out = llmgenie(&[
+        "list",
+        "--config",
+        good.to_str().unwrap(),
+        "--models-dir",
+        models.to_str().unwrap(),
+    ]);
+    assert!(stdout(&out).contains("downloaded"), "{}", stdout(&out));
+    for (name, text, needle) in [
+        ("typo.toml", "prot = 1\n", "unknown key 'prot'"),
+        ("secret.toml", "api_key = \"x\"\n", "LLMGENIE_API_KEY"),
+        ("broken.toml", "port = \n", "not valid TOML"),
+    ] {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        let out = llmgenie(&["serve", "--config", p.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(1), "{name}");
+        assert!(stderr(&out).contains(needle), "{name}: {}", stderr(&out));
+    }
+}

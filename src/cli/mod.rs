@@ -2,6 +2,7 @@
 
 mod chat_loop;
 mod commands;
+pub mod config_file;
 mod serve;
 
 use std::path::PathBuf;
@@ -24,6 +25,9 @@ pub struct Cli {
     /// Print load time, token counts and speeds to stderr.
     #[arg(long, short, global = true)]
     pub verbose: bool,
+    /// A TOML file of settings (keys named as the flags); flags and LLMGENIE_* variables win.
+    #[arg(long, global = true, env = "LLMGENIE_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
