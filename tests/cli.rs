@@ -191,3 +191,54 @@ fn config_file_feeds_flags_and_rejects_unknown_keys_and_secrets() {
         assert!(stderr(&out).contains(needle), "{name}: {}", stderr(&out));
     }
 }
+
+#[test]
+fn serve_finishes_in_flight_streams_on_sigterm_then_exits() {
+    use std::io::{Read, Write};
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_llmgenie"))
+        .args([
+            "serve",
+            "--port",
+            &port.to_string(),
+            "--model",
+            "smollm2-135m",
+        ])
+        .current_dir(root())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut s = loop {
+        if let Ok(s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "server did not start");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let body = r#"{"messages":[{"role":"user","content":"Hi"}],"max_tokens":150,"temperature":0,"stream":true}"#;
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut first = [0u8; 32];
+    s.read_exact(&mut first).unwrap();
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // The stream already accepted runs to its end.
+    let mut rest = String::new();
+    s.read_to_string(&mut rest).unwrap();
+    assert!(rest.contains("data: [DONE]"), "stream cut short: {rest}");
+    let code = child.wait().unwrap();
+    assert!(code.success(), "exit status {code:?}");
+}
