@@ -221,7 +221,7 @@ fn serve_finishes_in_flight_streams_on_sigterm_then_exits() {
         assert!(std::time::Instant::now() < deadline, "server did not start");
         std::thread::sleep(std::time::Duration::from_millis(50));
     };
-    let body = r#"{"messages":[{"role":"user","content":"Hi"}],"max_tokens":150,"temperature":0,"stream":true}"#;
+    let body = r#"{"messages":[{"role":"user","content":"Write a long story about a dragon who learns to paint."}],"max_tokens":150,"temperature":0,"stream":true}"#;
     write!(
         s,
         "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -239,6 +239,7 @@ fn serve_finishes_in_flight_streams_on_sigterm_then_exits() {
     let mut rest = String::new();
     s.read_to_string(&mut rest).unwrap();
     assert!(rest.contains("data: [DONE]"), "stream cut short: {rest}");
+    assert!(rest.contains(r#""finish_reason":"length""#), "the answer ended early: {rest}");
     let code = child.wait().unwrap();
     assert!(code.success(), "exit status {code:?}");
 }
