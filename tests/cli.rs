@@ -239,7 +239,10 @@ fn serve_finishes_in_flight_streams_on_sigterm_then_exits() {
     let mut rest = String::new();
     s.read_to_string(&mut rest).unwrap();
     assert!(rest.contains("data: [DONE]"), "stream cut short: {rest}");
-    assert!(rest.contains(r#""finish_reason":"length""#), "the answer ended early: {rest}");
+    assert!(
+        rest.contains(r#""finish_reason":"length""#),
+        "the answer ended early: {rest}"
+    );
     let code = child.wait().unwrap();
     assert!(code.success(), "exit status {code:?}");
 }

@@ -678,3 +678,42 @@ fn json_mode_answers_always_parse() {
     );
     assert_eq!(bad.status, 400);
 }
+
+#[test]
+fn a_model_that_fails_to_load_reports_it_and_others_keep_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut bytes = std::fs::read(model_path(SMOLLM2)).unwrap();
+    bytes.truncate(bytes.len() / 2);
+    let broken = dir.path().join("broken.gguf");
+    std::fs::write(&broken, bytes).unwrap();
+    let srv = TestServer::configured(
+        Limits::default(),
+        KeepAlive::Forever,
+        Budget::default(),
+        |s| {
+            s.registry.add_file("broken", &broken);
+            s
+        },
+    );
+    // Several requests at once all get the load error.
+    let handles: Vec<_> = (0..3)
+        .map(|_| {
+            let a = srv.addr;
+            std::thread::spawn(move || post(a, "/api/chat", quick("broken")))
+        })
+        .collect();
+    for h in handles {
+        let r = h.join().unwrap();
+        assert_eq!(r.status, 500, "{}", r.body);
+        let msg = r.json()["error"].as_str().unwrap().to_string();
+        assert!(
+            msg.contains("failed to load") && msg.contains("exceeds file size"),
+            "{msg}"
+        );
+    }
+    assert_eq!(
+        post(srv.addr, "/api/chat", quick("smollm2-135m")).status,
+        200
+    );
+    assert_eq!(srv.resident(), ["smollm2-135m"]);
+}

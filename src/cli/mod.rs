@@ -64,7 +64,13 @@ pub struct ServeArgs {
     pub port: u16,
     /// Models to preload (catalogue names or .gguf paths, repeatable or comma-separated); the
     /// first answers requests that name no model. Default: smollm2-135m.
-    #[arg(long = "model", short, env = "LLMGENIE_MODEL", value_delimiter = ',')]
+    #[arg(
+        long = "model",
+        visible_alias = "preload",
+        short,
+        env = "LLMGENIE_MODEL",
+        value_delimiter = ','
+    )]
     pub models: Vec<String>,
     #[arg(long, env = "LLMGENIE_DEVICE", default_value = "auto")]
     pub device: DeviceChoice,
