@@ -246,3 +246,56 @@ fn serve_finishes_in_flight_streams_on_sigterm_then_exits() {
     let code = child.wait().unwrap();
     assert!(code.success(), "exit status {code:?}");
 }
+
+#[test]
+fn serve_stops_after_the_grace_period_even_with_a_stream_running() {
+    use std::io::{Read, Write};
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_llmgenie"))
+        .args([
+            "serve",
+            "--port",
+            &port.to_string(),
+            "--shutdown-grace",
+            "1",
+        ])
+        .current_dir(root())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut s = loop {
+        if let Ok(s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "server did not start");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let body = r#"{"messages":[{"role":"user","content":"Write a long story."}],"max_tokens":5000,"stream":true}"#;
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut first = [0u8; 32];
+    s.read_exact(&mut first).unwrap();
+    let signalled = std::time::Instant::now();
+    assert!(Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let code = child.wait().unwrap();
+    let waited = signalled.elapsed();
+    assert!(code.success(), "exit status {code:?}");
+    assert!(
+        waited < std::time::Duration::from_secs(40),
+        "took {waited:?} to stop"
+    );
+}

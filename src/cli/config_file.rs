@@ -24,6 +24,7 @@ const KEYS: &[(&str, &str)] = &[
     ("max_body_bytes", "LLMGENIE_MAX_BODY_BYTES"),
     ("max_pending", "LLMGENIE_MAX_PENDING"),
     ("cors_origins", "LLMGENIE_CORS_ORIGINS"),
+    ("shutdown_grace", "LLMGENIE_SHUTDOWN_GRACE"),
 ];
 
 /// The config path from `--config PATH`, `--config=PATH` or `LLMGENIE_CONFIG`.

@@ -94,6 +94,9 @@ pub struct ServeArgs {
     /// Most bytes of model files resident at once, e.g. 8G or 512M.
     #[arg(long, env = "LLMGENIE_MAX_MEMORY")]
     pub max_memory: Option<String>,
+    /// Seconds in-flight requests may run on after SIGINT/SIGTERM.
+    #[arg(long, env = "LLMGENIE_SHUTDOWN_GRACE", default_value_t = 30)]
+    pub shutdown_grace: u64,
     /// Require `Authorization: Bearer KEY` on every route but /health and GET /.
     #[arg(long, env = "LLMGENIE_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,

@@ -57,6 +57,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         Limits {
             max_body_bytes: args.max_body_bytes,
             max_pending_per_model: args.max_pending.max(1),
+            shutdown_grace: std::time::Duration::from_secs(args.shutdown_grace),
         },
     )
     .with_api_key(args.api_key.clone())

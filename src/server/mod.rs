@@ -33,6 +33,8 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// Requests running or queued per model before new ones get 429.
     pub max_pending_per_model: usize,
+    /// How long in-flight requests may run on after a shutdown signal.
+    pub shutdown_grace: std::time::Duration,
 }
 
 impl Default for Limits {
@@ -40,6 +42,7 @@ impl Default for Limits {
         Self {
             max_body_bytes: 4 << 20,
             max_pending_per_model: 32,
+            shutdown_grace: std::time::Duration::from_secs(30),
         }
     }
 }
@@ -238,12 +241,28 @@ pub async fn serve_on(
 ) -> std::io::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, "listening");
     let draining = state.draining.clone();
+    let grace = state.limits.shutdown_grace;
+    let signalled = Arc::new(tokio::sync::Notify::new());
+    let notify = signalled.clone();
     let app = router(state);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            draining.store(true, Ordering::Relaxed);
-            tracing::info!("shutting down: finishing in-flight requests");
-        })
-        .await
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown.await;
+        draining.store(true, Ordering::Relaxed);
+        notify.notify_one();
+        tracing::info!(
+            grace_s = grace.as_secs_f64(),
+            "shutting down: finishing in-flight requests"
+        );
+    });
+    // In-flight requests get `grace` to finish after the signal; then the server stops anyway.
+    tokio::select! {
+        result = server => result,
+        _ = async {
+            signalled.notified().await;
+            tokio::time::sleep(grace).await;
+        } => {
+            tracing::warn!("shutdown grace period over: abandoning unfinished requests");
+            Ok(())
+        }
+    }
 }
