@@ -20,12 +20,14 @@
 //! - [`catalog`]: named models (`models/catalog.toml`) and `--model` resolution.
 //! - [`pull`]: downloads from the Hugging Face hub with checksums.
 //! - [`bench`]: prefill/decode speed, load time and peak memory.
+//! - [`claude`]: an Anthropic Messages API client (plain and SSE streams, retries with backoff).
 //! - [`registry`]: which models are resident; one load per model, shared by waiting requests.
 //! - [`server`]: the axum HTTP API (OpenAI and Ollama routes, health).
 
 pub mod bench;
 pub mod catalog;
 pub mod chat;
+pub mod claude;
 pub mod engine;
 pub mod gguf;
 pub mod json_mode;

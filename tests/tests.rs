@@ -4,6 +4,7 @@
 
 mod util;
 
+mod claude;
 mod cli;
 mod clients;
 mod engine;

@@ -1,0 +1,308 @@
+//! The Claude client against a local server that speaks the Messages API wire format: JSON
+//! answers, SSE streams (ping, content blocks, message_delta, message_stop, in-stream errors),
+//! error bodies, and retry headers.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use futures_util::StreamExt;
+use llmgenie::claude::{
+    ClaudeClient, ClaudeConfig, ClaudeError, ClaudeMessage, MessagesRequest, StreamEvent, Usage,
+};
+use serde_json::{json, Value};
+
+/// What the fake server does for each successive request.
+#[derive(Clone)]
+enum Reply {
+    Json(Value),
+    /// Status, extra headers, error type.
+    Error(u16, Vec<(&'static str, &'static str)>, &'static str),
+    /// Raw SSE text.
+    Sse(String),
+}
+
+#[derive(Clone)]
+struct Fake {
+    script: Arc<Vec<Reply>>,
+    calls: Arc<AtomicUsize>,
+    seen: Arc<Mutex<Vec<(HeaderMap, Value)>>>,
+}
+
+async fn messages(
+    axum::extract::State(f): axum::extract::State<Fake>,
+    headers: HeaderMap,
+    body: String,
+) -> Response {
+    let n = f.calls.fetch_add(1, Ordering::SeqCst);
+    let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+    f.seen.lock().unwrap().push((headers, v));
+    let reply = f.script.get(n).or(f.script.last()).cloned().unwrap();
+    match reply {
+        Reply::Json(v) => axum::Json(v).into_response(),
+        Reply::Error(status, headers, kind) => {
+            let mut resp = (
+                StatusCode::from_u16(status).unwrap(),
+                axum::Json(json!({"type": "error", "error": {"type": kind, "message": format!("{kind} happened")}})),
+            )
+                .into_response();
+            for (k, v) in headers {
+                resp.headers_mut().insert(k, v.parse().unwrap());
+            }
+            resp
+        }
+        Reply::Sse(text) => ([("content-type", "text/event-stream")], text).into_response(),
+    }
+}
+
+/// Start the fake on a runtime of its own; returns the client and the shared record.
+fn fake(script: Vec<Reply>) -> (ClaudeClient, Fake, tokio::runtime::Runtime) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let f = Fake {
+        script: Arc::new(script),
+        calls: Arc::new(AtomicUsize::new(0)),
+        seen: Arc::new(Mutex::new(Vec::new())),
+    };
+    let app = Router::new()
+        .route("/v1/messages", post(messages))
+        .with_state(f.clone());
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    rt.spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let client = ClaudeClient::new(ClaudeConfig {
+        api_key: Some("test-key".into()),
+        base_url: format!("http://{addr}"),
+        timeout: Duration::from_secs(10),
+        max_retries: 3,
+        backoff_base: Duration::from_millis(20),
+        backoff_cap: Duration::from_millis(100),
+        retry_after_cap: Duration::from_secs(2),
+    })
+    .unwrap();
+    (client, f, rt)
+}
+
+fn request() -> MessagesRequest {
+    MessagesRequest {
+        model: "claude-sonnet-4-5".into(),
+        max_tokens: 64,
+        messages: vec![ClaudeMessage {
+            role: "user".into(),
+            content: "Hi".into(),
+        }],
+        system: Some("Be brief.".into()),
+        temperature: Some(0.2),
+        stop_sequences: vec!["END".into()],
+        stream: false,
+    }
+}
+
+fn message_json(text: &str) -> Value {
+    json!({"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
+           "content": [{"type": "text", "text": text}], "stop_reason": "end_turn", "stop_sequence": null,
+           "usage": {"input_tokens": 12, "output_tokens": 5}})
+}
+
+fn sse(events: &[(&str, Value)]) -> String {
+    events
+        .iter()
+        .map(|(e, d)| format!("event: {e}\ndata: {d}\n\n"))
+        .collect()
+}
+
+fn stream_events(text_parts: &[&str], stop: bool) -> String {
+    let mut ev = vec![
+        (
+            "message_start",
+            json!({"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant",
+            "model": "claude-sonnet-4-5", "content": [], "stop_reason": null, "usage": {"input_tokens": 12, "output_tokens": 1}}}),
+        ),
+        (
+            "content_block_start",
+            json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        ),
+        ("ping", json!({"type": "ping"})),
+    ];
+    for t in text_parts {
+        ev.push(("content_block_delta", json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": t}})));
+    }
+    ev.push((
+        "content_block_stop",
+        json!({"type": "content_block_stop", "index": 0}),
+    ));
+    ev.push(("message_delta", json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null}, "usage": {"output_tokens": 7}})));
+    if stop {
+        ev.push(("message_stop", json!({"type": "message_stop"})));
+    }
+    sse(&ev)
+}
+
+#[test]
+fn plain_request_sends_the_real_wire_format() {
+    let (client, f, rt) = fake(vec![Reply::Json(message_json("Hello there"))]);
+    let r = rt.block_on(client.create(&request())).unwrap();
+    assert_eq!(r.text, "Hello there");
+    assert_eq!(
+        r.usage,
+        Usage {
+            input_tokens: 12,
+            output_tokens: 5
+        }
+    );
+    assert_eq!(r.stop_reason.as_deref(), Some("end_turn"));
+    assert_eq!(r.attempts, 1);
+    let seen = f.seen.lock().unwrap();
+    let (headers, body) = &seen[0];
+    assert_eq!(headers["x-api-key"], "test-key");
+    assert_eq!(headers["anthropic-version"], "2023-06-01");
+    assert_eq!(body["model"], "claude-sonnet-4-5");
+    assert_eq!(body["max_tokens"], 64);
+    assert_eq!(body["system"], "Be brief.");
+    assert_eq!(body["stop_sequences"], json!(["END"]));
+    assert_eq!(
+        body["messages"][0],
+        json!({"role": "user", "content": "Hi"})
+    );
+    assert!(body.get("stream").is_none());
+}
+
+#[test]
+fn overloaded_and_rate_limited_are_retried_honouring_retry_after() {
+    let (client, f, rt) = fake(vec![
+        Reply::Error(529, vec![], "overloaded_error"),
+        Reply::Error(429, vec![("retry-after-ms", "300")], "rate_limit_error"),
+        Reply::Json(message_json("finally")),
+    ]);
+    let started = Instant::now();
+    let r = rt.block_on(client.create(&request())).unwrap();
+    assert_eq!(r.text, "finally");
+    assert_eq!(r.attempts, 3);
+    assert_eq!(f.calls.load(Ordering::SeqCst), 3);
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "retry-after-ms was not honoured"
+    );
+}
+
+#[test]
+fn client_errors_are_not_retried_and_retries_run_out() {
+    let (client, f, rt) = fake(vec![Reply::Error(400, vec![], "invalid_request_error")]);
+    let e = rt.block_on(client.create(&request())).unwrap_err();
+    assert!(
+        matches!(&e, ClaudeError::Api { status: 400, kind, .. } if kind == "invalid_request_error"),
+        "{e}"
+    );
+    assert_eq!(f.calls.load(Ordering::SeqCst), 1);
+
+    let (client, f, rt) = fake(vec![Reply::Error(500, vec![], "api_error")]);
+    let e = rt.block_on(client.create(&request())).unwrap_err();
+    assert!(matches!(e, ClaudeError::Api { status: 500, .. }));
+    assert_eq!(f.calls.load(Ordering::SeqCst), 4, "1 attempt + 3 retries");
+}
+
+#[test]
+fn no_key_and_no_server_are_clear_errors() {
+    let client = ClaudeClient::new(ClaudeConfig {
+        api_key: None,
+        ..ClaudeConfig::default()
+    })
+    .unwrap();
+    assert!(!client.enabled());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    assert!(matches!(
+        rt.block_on(client.create(&request())),
+        Err(ClaudeError::NoApiKey)
+    ));
+    // Nothing listens on this port: a transport error after the retries.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let client = ClaudeClient::new(ClaudeConfig {
+        api_key: Some("k".into()),
+        base_url: format!("http://127.0.0.1:{port}"),
+        max_retries: 1,
+        backoff_base: Duration::from_millis(10),
+        ..ClaudeConfig::default()
+    })
+    .unwrap();
+    assert!(matches!(
+        rt.block_on(client.create(&request())),
+        Err(ClaudeError::Transport(_))
+    ));
+}
+
+#[test]
+fn streams_yield_text_then_usage() {
+    let (client, f, rt) = fake(vec![Reply::Sse(stream_events(
+        &["Hel", "lo", " world"],
+        true,
+    ))]);
+    let events: Vec<_> = rt.block_on(async {
+        let s = client.stream(&request()).await.unwrap();
+        s.collect::<Vec<_>>().await
+    });
+    let mut text = String::new();
+    let mut done = None;
+    for e in events {
+        match e.unwrap() {
+            StreamEvent::Text(t) => text.push_str(&t),
+            StreamEvent::Done { stop_reason, usage } => done = Some((stop_reason, usage)),
+        }
+    }
+    assert_eq!(text, "Hello world");
+    assert_eq!(
+        done,
+        Some((
+            Some("end_turn".into()),
+            Usage {
+                input_tokens: 12,
+                output_tokens: 7
+            }
+        ))
+    );
+    assert_eq!(f.seen.lock().unwrap()[0].1["stream"], true);
+}
+
+#[test]
+fn a_stream_without_message_stop_or_with_an_error_event_fails() {
+    let (client, _f, rt) = fake(vec![Reply::Sse(stream_events(&["partial"], false))]);
+    let last = rt.block_on(async {
+        client
+            .stream(&request())
+            .await
+            .unwrap()
+            .collect::<Vec<_>>()
+            .await
+    });
+    assert!(
+        matches!(last.last(), Some(Err(ClaudeError::Incomplete))),
+        "{last:?}"
+    );
+
+    let mut text = stream_events(&["a"], false);
+    text.push_str(&sse(&[(
+        "error",
+        json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
+    )]));
+    let (client, _f, rt) = fake(vec![Reply::Sse(text)]);
+    let last = rt.block_on(async {
+        client
+            .stream(&request())
+            .await
+            .unwrap()
+            .collect::<Vec<_>>()
+            .await
+    });
+    assert!(
+        matches!(last.last(), Some(Err(ClaudeError::Stream { kind, .. })) if kind == "overloaded_error"),
+        "{last:?}"
+    );
+}
