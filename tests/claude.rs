@@ -83,6 +83,8 @@ fn fake(script: Vec<Reply>) -> (ClaudeClient, Fake, tokio::runtime::Runtime) {
         backoff_base: Duration::from_millis(20),
         backoff_cap: Duration::from_millis(100),
         retry_after_cap: Duration::from_secs(2),
+        breaker_threshold: 3,
+        breaker_cooldown: Duration::from_secs(60),
     })
     .unwrap();
     (client, f, rt)
@@ -305,4 +307,60 @@ fn a_stream_without_message_stop_or_with_an_error_event_fails() {
         matches!(last.last(), Some(Err(ClaudeError::Stream { kind, .. })) if kind == "overloaded_error"),
         "{last:?}"
     );
+}
+
+#[test]
+fn spend_limit_is_final_and_the_deadline_bounds_retries() {
+    let (client, f, rt) = fake(vec![Reply::Error(429, vec![], "rate_limit_error")]);
+    // The fake's message is "rate_limit_error happened": retried until the retries run out.
+    assert!(rt.block_on(client.create(&request())).is_err());
+    assert_eq!(f.calls.load(Ordering::SeqCst), 4);
+    let spend = ClaudeError::Api {
+        status: 429,
+        kind: "rate_limit_error".into(),
+        message: "You have reached your specified API usage limits".into(),
+    };
+    assert!(!spend.retryable());
+
+    // retry-after of 2 s with 300 ms left: give up at once instead of sleeping past the deadline.
+    let (client, f, rt) = fake(vec![Reply::Error(
+        429,
+        vec![("retry-after", "2")],
+        "rate_limit_error",
+    )]);
+    let started = Instant::now();
+    let deadline = started + Duration::from_millis(300);
+    assert!(rt
+        .block_on(client.create_until(&request(), deadline))
+        .is_err());
+    assert!(started.elapsed() < Duration::from_millis(1000));
+    assert_eq!(f.calls.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn the_circuit_breaker_opens_after_repeated_failures() {
+    let (client, f, rt) = fake(vec![Reply::Error(400, vec![], "invalid_request_error")]);
+    for _ in 0..3 {
+        assert!(matches!(
+            rt.block_on(client.create(&request())),
+            Err(ClaudeError::Api { .. })
+        ));
+    }
+    assert!(client.circuit_open());
+    assert!(matches!(
+        rt.block_on(client.create(&request())),
+        Err(ClaudeError::CircuitOpen(3))
+    ));
+    assert_eq!(
+        f.calls.load(Ordering::SeqCst),
+        3,
+        "an open breaker makes no call"
+    );
+}
+
+#[test]
+fn the_api_key_never_appears_in_errors() {
+    let (client, _f, rt) = fake(vec![Reply::Error(401, vec![], "authentication_error")]);
+    let e = rt.block_on(client.create(&request())).unwrap_err();
+    assert!(!format!("{e} {e:?}").contains("test-key"));
 }

@@ -2,8 +2,11 @@
 //!
 //! Retries 408, 409, 429, 500-599 and 529 responses, connection errors and timeouts with
 //! exponential backoff and jitter (0.5 s doubling, capped), honouring `retry-after` /
-//! `retry-after-ms` up to a cap. A streamed request is retried only before its first event; a
-//! stream that ends without `message_stop`, or carries an `error` event, is a failure.
+//! `retry-after-ms` up to a cap; never a 429 that says a spend limit was reached. All attempts of
+//! a request share one deadline. After `breaker_threshold` requests in a row fail, a circuit
+//! breaker refuses calls for `breaker_cooldown`. A streamed request is retried only before its
+//! first event; a stream that ends without `message_stop`, or carries an `error` event, is a
+//! failure. The API key is sent only in its header; it is never logged or put in an error.
 
 mod sse;
 
@@ -38,14 +41,24 @@ pub enum ClaudeError {
     Stream { kind: String, message: String },
     #[error("unexpected response from the Claude API: {0}")]
     Protocol(String),
+    #[error("the Claude request ran out of time")]
+    Deadline,
+    #[error("Claude is not called for now: {0} requests in a row failed")]
+    CircuitOpen(u32),
 }
 
 impl ClaudeError {
     /// Whether trying again may succeed.
     pub fn retryable(&self) -> bool {
         match self {
-            Self::Api { status, .. } => {
-                matches!(status, 408 | 409 | 429 | 529) || (500..600).contains(status)
+            Self::Api {
+                status, message, ..
+            } => {
+                let m = message.to_ascii_lowercase();
+                let spend_limit =
+                    *status == 429 && (m.contains("spend limit") || m.contains("usage limit"));
+                !spend_limit
+                    && (matches!(status, 408 | 409 | 429 | 529) || (500..600).contains(status))
             }
             Self::Transport(_) => true,
             _ => false,
@@ -68,6 +81,10 @@ pub struct ClaudeConfig {
     pub backoff_cap: Duration,
     /// Longest `retry-after` honoured.
     pub retry_after_cap: Duration,
+    /// Requests failing in a row that open the circuit breaker.
+    pub breaker_threshold: u32,
+    /// How long an open breaker refuses calls.
+    pub breaker_cooldown: Duration,
 }
 
 impl Default for ClaudeConfig {
@@ -82,8 +99,17 @@ impl Default for ClaudeConfig {
             backoff_base: Duration::from_millis(500),
             backoff_cap: Duration::from_secs(8),
             retry_after_cap: Duration::from_secs(30),
+            breaker_threshold: 5,
+            breaker_cooldown: Duration::from_secs(30),
         }
     }
+}
+
+/// Consecutive failures and, when open, until when calls are refused.
+#[derive(Debug, Default)]
+struct Breaker {
+    failures: u32,
+    open_until: Option<std::time::Instant>,
 }
 
 /// One message of the conversation.
@@ -145,6 +171,8 @@ pub enum StreamEvent {
 pub struct ClaudeClient {
     http: reqwest::Client,
     cfg: ClaudeConfig,
+    /// A short lock around two fields, never held across an `.await`.
+    breaker: std::sync::Mutex<Breaker>,
 }
 
 impl ClaudeClient {
@@ -155,7 +183,35 @@ impl ClaudeClient {
             .connect_timeout(cfg.timeout)
             .build()
             .map_err(|e| ClaudeError::Transport(e.to_string()))?;
-        Ok(Self { http, cfg })
+        Ok(Self {
+            http,
+            cfg,
+            breaker: std::sync::Mutex::new(Breaker::default()),
+        })
+    }
+
+    fn breaker(&self) -> std::sync::MutexGuard<'_, Breaker> {
+        self.breaker.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the breaker is open now.
+    pub fn circuit_open(&self) -> bool {
+        self.breaker()
+            .open_until
+            .is_some_and(|t| t > std::time::Instant::now())
+    }
+
+    fn record(&self, ok: bool) {
+        let mut b = self.breaker();
+        if ok {
+            *b = Breaker::default();
+            return;
+        }
+        b.failures += 1;
+        if b.failures >= self.cfg.breaker_threshold {
+            b.open_until = Some(std::time::Instant::now() + self.cfg.breaker_cooldown);
+            tracing::warn!(failures = b.failures, "Claude circuit breaker open");
+        }
     }
 
     pub fn enabled(&self) -> bool {
@@ -176,10 +232,28 @@ impl ClaudeClient {
         capped.mul_f64(factor)
     }
 
-    /// Send the request, retrying as the module describes; returns the response of the attempt
-    /// that succeeded and how many attempts it took.
-    async fn send(&self, body: &MessagesRequest) -> Result<(reqwest::Response, u32), ClaudeError> {
+    /// Send the request, retrying as the module describes, within `deadline`; returns the
+    /// response of the attempt that succeeded and how many attempts it took.
+    async fn send(
+        &self,
+        body: &MessagesRequest,
+        deadline: std::time::Instant,
+    ) -> Result<(reqwest::Response, u32), ClaudeError> {
         let key = self.cfg.api_key.as_deref().ok_or(ClaudeError::NoApiKey)?;
+        if self.circuit_open() {
+            return Err(ClaudeError::CircuitOpen(self.breaker().failures));
+        }
+        let result = self.send_with_retries(key, body, deadline).await;
+        self.record(result.is_ok());
+        result
+    }
+
+    async fn send_with_retries(
+        &self,
+        key: &str,
+        body: &MessagesRequest,
+        deadline: std::time::Instant,
+    ) -> Result<(reqwest::Response, u32), ClaudeError> {
         let url = format!("{}/v1/messages", self.cfg.base_url.trim_end_matches('/'));
         let mut attempt = 0;
         loop {
@@ -189,8 +263,12 @@ impl ClaudeClient {
                 .header("x-api-key", key)
                 .header("anthropic-version", ANTHROPIC_VERSION)
                 .json(body);
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(ClaudeError::Deadline);
+            }
             if !body.stream {
-                req = req.timeout(self.cfg.timeout);
+                req = req.timeout(self.cfg.timeout.min(left));
             }
             let (err, retry_after) = match req.send().await {
                 Ok(resp) if resp.status().is_success() => return Ok((resp, attempt + 1)),
@@ -204,6 +282,9 @@ impl ClaudeClient {
                 return Err(err);
             }
             let wait = self.backoff(attempt, retry_after);
+            if std::time::Instant::now() + wait >= deadline {
+                return Err(err);
+            }
             tracing::warn!(error = %err, attempt = attempt + 1, wait_ms = wait.as_millis() as u64, "Claude request failed; retrying");
             tokio::time::sleep(wait).await;
             attempt += 1;
@@ -215,9 +296,22 @@ impl ClaudeClient {
     /// # Errors
     /// No key, a non-retryable error, retries exhausted, or a malformed response.
     pub async fn create(&self, request: &MessagesRequest) -> Result<MessagesResponse, ClaudeError> {
+        self.create_until(request, std::time::Instant::now() + self.cfg.timeout)
+            .await
+    }
+
+    /// As [`ClaudeClient::create`], with every attempt and wait inside `deadline`.
+    ///
+    /// # Errors
+    /// As [`ClaudeClient::create`], or [`ClaudeError::Deadline`].
+    pub async fn create_until(
+        &self,
+        request: &MessagesRequest,
+        deadline: std::time::Instant,
+    ) -> Result<MessagesResponse, ClaudeError> {
         let mut body = request.clone();
         body.stream = false;
-        let (resp, attempts) = self.send(&body).await?;
+        let (resp, attempts) = self.send(&body, deadline).await?;
         let v: Value = resp
             .json()
             .await
@@ -251,7 +345,8 @@ impl ClaudeClient {
     {
         let mut body = request.clone();
         body.stream = true;
-        let (resp, _) = self.send(&body).await?;
+        let deadline = std::time::Instant::now() + self.cfg.timeout;
+        let (resp, _) = self.send(&body, deadline).await?;
         let bytes = resp.bytes_stream();
         let state = StreamState {
             bytes: Box::pin(bytes),
