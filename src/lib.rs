@@ -21,6 +21,7 @@
 //! - [`pull`]: downloads from the Hugging Face hub with checksums.
 //! - [`bench`]: prefill/decode speed, load time and peak memory.
 //! - [`claude`]: an Anthropic Messages API client (plain and SSE streams, retries with backoff).
+//! - [`router`]: the quality validator and the savings ledger (routing is in progress).
 //! - [`registry`]: which models are resident; one load per model, shared by waiting requests.
 //! - [`server`]: the axum HTTP API (OpenAI and Ollama routes, health).
 
@@ -34,6 +35,7 @@ pub mod json_mode;
 pub mod model;
 pub mod pull;
 pub mod registry;
+pub mod router;
 pub mod sampler;
 pub mod server;
 pub mod stop;
