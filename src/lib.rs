@@ -28,6 +28,7 @@
 pub mod bench;
 pub mod catalog;
 pub mod chat;
+pub mod civil;
 pub mod claude;
 pub mod engine;
 pub mod gguf;

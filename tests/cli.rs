@@ -192,36 +192,34 @@ fn config_file_feeds_flags_and_rejects_unknown_keys_and_secrets() {
     }
 }
 
-#[test]
-fn serve_finishes_in_flight_streams_on_sigterm_then_exits() {
-    use std::io::{Read, Write};
+/// `llmgenie serve` on a free port with extra flags; returns the process and the port once it
+/// accepts connections.
+fn spawn_serve(extra: &[&str]) -> (std::process::Child, u16) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_llmgenie"))
-        .args([
-            "serve",
-            "--port",
-            &port.to_string(),
-            "--model",
-            "smollm2-135m",
-        ])
+    let child = Command::new(env!("CARGO_BIN_EXE_llmgenie"))
+        .args(["serve", "--port", &port.to_string()])
+        .args(extra)
         .current_dir(root())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    let mut s = loop {
-        if let Ok(s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
-            break s;
-        }
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(std::time::Instant::now() < deadline, "server did not start");
         std::thread::sleep(std::time::Duration::from_millis(50));
-    };
-    let body = r#"{"messages":[{"role":"user","content":"Write a long story about a dragon who learns to paint."}],"max_tokens":150,"temperature":0,"stream":true}"#;
+    }
+    (child, port)
+}
+
+/// Start a streamed chat completion and wait for its first bytes.
+fn start_stream(port: u16, body: &str) -> std::net::TcpStream {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     write!(
         s,
         "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -230,11 +228,26 @@ fn serve_finishes_in_flight_streams_on_sigterm_then_exits() {
     .unwrap();
     let mut first = [0u8; 32];
     s.read_exact(&mut first).unwrap();
+    s
+}
+
+fn sigterm(child: &std::process::Child) {
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
+}
+
+#[test]
+fn serve_finishes_in_flight_streams_on_sigterm_then_exits() {
+    use std::io::Read;
+    let (mut child, port) = spawn_serve(&["--model", "smollm2-135m"]);
+    let mut s = start_stream(
+        port,
+        r#"{"messages":[{"role":"user","content":"Write a long story about a dragon who learns to paint."}],"max_tokens":150,"temperature":0,"stream":true}"#,
+    );
+    sigterm(&child);
     // The stream already accepted runs to its end.
     let mut rest = String::new();
     s.read_to_string(&mut rest).unwrap();
@@ -249,48 +262,13 @@ fn serve_finishes_in_flight_streams_on_sigterm_then_exits() {
 
 #[test]
 fn serve_stops_after_the_grace_period_even_with_a_stream_running() {
-    use std::io::{Read, Write};
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_llmgenie"))
-        .args([
-            "serve",
-            "--port",
-            &port.to_string(),
-            "--shutdown-grace",
-            "1",
-        ])
-        .current_dir(root())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    let mut s = loop {
-        if let Ok(s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
-            break s;
-        }
-        assert!(std::time::Instant::now() < deadline, "server did not start");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
-    let body = r#"{"messages":[{"role":"user","content":"Write a long story."}],"max_tokens":5000,"stream":true}"#;
-    write!(
-        s,
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut first = [0u8; 32];
-    s.read_exact(&mut first).unwrap();
+    let (mut child, port) = spawn_serve(&["--shutdown-grace", "1"]);
+    let _s = start_stream(
+        port,
+        r#"{"messages":[{"role":"user","content":"Write a long story."}],"max_tokens":5000,"stream":true}"#,
+    );
     let signalled = std::time::Instant::now();
-    assert!(Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success());
+    sigterm(&child);
     let code = child.wait().unwrap();
     let waited = signalled.elapsed();
     assert!(code.success(), "exit status {code:?}");
