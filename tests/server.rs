@@ -717,3 +717,35 @@ fn a_model_that_fails_to_load_reports_it_and_others_keep_serving() {
     );
     assert_eq!(srv.resident(), ["smollm2-135m"]);
 }
+
+#[test]
+fn the_ledger_counts_what_local_answers_saved() {
+    let srv = TestServer::start(Limits::default());
+    let r1 = post(
+        srv.addr,
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}),
+    )
+    .json();
+    let r2 = post(
+        srv.addr,
+        "/api/generate",
+        json!({"model": "smollm2-135m", "prompt": "Hi", "options": {"num_predict": 3}}),
+    );
+    let last: Value = serde_json::from_str(r2.body.lines().last().unwrap()).unwrap();
+    let stats = http(srv.addr, "GET", "/v1/stats", b"").json();
+    let total = &stats["totals"]["total"];
+    assert_eq!(total["requests"], 2);
+    let input = r1["usage"]["prompt_tokens"].as_u64().unwrap()
+        + last["prompt_eval_count"].as_u64().unwrap();
+    let output =
+        r1["usage"]["completion_tokens"].as_u64().unwrap() + last["eval_count"].as_u64().unwrap();
+    assert_eq!(total["input_tokens"], input);
+    assert_eq!(total["output_tokens"], output);
+    let prices = &stats["prices"];
+    let expected = (input as f64 * prices["input_per_million"].as_f64().unwrap()
+        + output as f64 * prices["output_per_million"].as_f64().unwrap())
+        / 1e6;
+    assert!((total["saved_usd"].as_f64().unwrap() - expected).abs() < 1e-12);
+    assert_eq!(total["spent_usd"], 0.0);
+}

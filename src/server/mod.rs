@@ -24,6 +24,7 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 
 use crate::registry::Registry;
+use crate::router::ledger::{Ledger, Prices};
 use error::{ApiError, ErrorKind};
 
 /// Request limits.
@@ -58,6 +59,8 @@ pub struct AppState {
     pub api_key: Option<Arc<str>>,
     /// Origins allowed to call from a browser (`*` for any); empty: CORS off.
     pub cors_origins: Arc<[String]>,
+    /// What the answers served here would have cost on Claude.
+    pub ledger: Arc<Ledger>,
     ids: Arc<AtomicU64>,
 }
 
@@ -69,6 +72,7 @@ impl AppState {
             draining: Arc::new(AtomicBool::new(false)),
             api_key: None,
             cors_origins: Arc::from(Vec::new()),
+            ledger: Arc::new(Ledger::new(Prices::default())),
             ids: Arc::new(AtomicU64::new(1)),
         }
     }
@@ -169,6 +173,14 @@ async fn health(State(state): State<AppState>) -> impl IntoResponse {
     )
 }
 
+/// `GET /v1/stats`: the savings ledger.
+async fn stats(State(state): State<AppState>) -> Json<serde_json::Value> {
+    Json(json!({
+        "prices": state.ledger.prices(),
+        "totals": state.ledger.report(),
+    }))
+}
+
 /// Ollama clients probe `GET /` for this text.
 async fn root() -> &'static str {
     "Ollama is running"
@@ -188,6 +200,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/completions", post(openai::completions))
         .route("/v1/models", get(openai::list_models))
         .route("/v1/models/{id}", get(openai::get_model))
+        .route("/v1/stats", get(stats))
         .route("/api/generate", post(ollama::generate))
         .route("/api/chat", post(ollama::chat))
         .route("/api/tags", get(ollama::tags))

@@ -281,10 +281,13 @@ async fn respond(
         let (value, end) = match job.events.recv().await {
             Some(Event::Token(t)) if t.text.is_empty() => (None, false),
             Some(Event::Token(t)) => (Some(piece(&job.model, &t.text, chat)), false),
-            Some(Event::Done(f)) => (
-                Some(merge(piece(&job.model, "", chat), final_fields(&job, &f))),
-                true,
-            ),
+            Some(Event::Done(f)) => {
+                job.account(&f);
+                (
+                    Some(merge(piece(&job.model, "", chat), final_fields(&job, &f))),
+                    true,
+                )
+            }
             Some(Event::Error(e)) => {
                 tracing::error!(error = %e, "generation failed mid-stream");
                 (Some(json!({"error": "generation failed"})), true)

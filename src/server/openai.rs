@@ -382,6 +382,7 @@ fn sse_stream(
                     vec![chunk(&job.model, json!({"content": t.text}), None, lp)]
                 }
                 Some(Event::Done(f)) => {
+                    job.account(&f);
                     let mut out = vec![chunk(&job.model, json!({}), Some(f.reason.as_str()), None)];
                     if include_usage {
                         let mut u = chunk(&job.model, json!({}), None, None);

@@ -13,6 +13,7 @@ use super::AppState;
 use crate::chat::Message;
 use crate::engine::{Engine, Event, Finished, GenerateRequest, TokenEvent};
 use crate::registry::{KeepAlive, Lease};
+use crate::router::ledger::{Ledger, Route};
 use crate::sampler::SamplingParams;
 
 /// Most stop strings a request may give.
@@ -93,6 +94,7 @@ pub fn check_stop(param: &str, stop: Vec<String>) -> Result<Vec<String>, ApiErro
 /// A generation in flight.
 pub struct Job {
     pub model: String,
+    ledger: Arc<Ledger>,
     pub engine: Arc<Engine>,
     /// Holds the model in use until the job ends; then its keep-alive starts.
     _lease: Lease,
@@ -164,6 +166,7 @@ pub async fn start(state: &AppState, req: ValidGenerate) -> Result<Job, ApiError
     })?;
     Ok(Job {
         model,
+        ledger: state.ledger.clone(),
         engine,
         _lease: lease,
         events,
@@ -171,6 +174,19 @@ pub async fn start(state: &AppState, req: ValidGenerate) -> Result<Job, ApiError
         load_time,
         started,
     })
+}
+
+impl Job {
+    /// Enter a finished answer in the ledger: served locally, it saved what Claude would have
+    /// charged for its tokens. (Task classes come with the router.)
+    pub fn account(&self, f: &Finished) {
+        self.ledger.record(
+            Route::Local,
+            "unclassified",
+            f.prompt_tokens as u64,
+            f.generated_tokens as u64,
+        );
+    }
 }
 
 /// A whole answer.
@@ -194,11 +210,12 @@ pub async fn collect(job: &mut Job) -> Result<Completion, ApiError> {
                 tokens.push(t);
             }
             Event::Done(finished) => {
+                job.account(&finished);
                 return Ok(Completion {
                     text,
                     tokens,
                     finished,
-                })
+                });
             }
             Event::Error(e) => {
                 tracing::error!(error = %e, "generation failed");
