@@ -277,3 +277,34 @@ fn serve_stops_after_the_grace_period_even_with_a_stream_running() {
         "took {waited:?} to stop"
     );
 }
+
+#[test]
+fn the_shipped_classifier_is_accurate_on_held_out_prompts_and_retrains_identically() {
+    let last_json = |o: &Output| -> serde_json::Value {
+        serde_json::from_str(stdout(o).trim().lines().last().unwrap()).unwrap()
+    };
+    let out = llmgenie(&["eval", "classifier"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let shipped = last_json(&out);
+    assert_eq!(shipped["n"], 400);
+    assert!(shipped["accuracy"].as_f64().unwrap() >= 0.88, "{shipped}");
+    // Training is deterministic: the same data gives the same held-out accuracy.
+    let dir = tempfile::tempdir().unwrap();
+    let w = dir.path().join("w.bin");
+    let out = llmgenie(&["train", "classifier", "--out", w.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let again = last_json(&llmgenie(&[
+        "eval",
+        "classifier",
+        "--weights",
+        w.to_str().unwrap(),
+    ]));
+    assert_eq!(again["accuracy"], shipped["accuracy"]);
+    let out = llmgenie(&["classify", "Translate 'thank you' into Japanese"]);
+    let v: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(v["task"], "translate");
+    assert!(v["confidence"].as_f64().unwrap() > 0.5);
+    let out = llmgenie(&["eval", "classifier", "--data", "Cargo.toml"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("Cargo.toml:1"), "{}", stderr(&out));
+}

@@ -21,6 +21,9 @@ pub fn dispatch(cli: Cli) -> Result<()> {
         Command::List { models_dir } => list(models_dir),
         Command::Bench(args) => bench(args),
         Command::Serve(args) => super::serve::serve(args),
+        Command::Train { what } => super::router_cmds::train(what),
+        Command::Eval { what } => super::router_cmds::eval(what),
+        Command::Classify { text, weights } => super::router_cmds::classify(&text, &weights),
     }
 }
 

@@ -3,6 +3,7 @@
 mod chat_loop;
 mod commands;
 pub mod config_file;
+mod router_cmds;
 mod serve;
 
 use std::path::PathBuf;
@@ -54,6 +55,46 @@ pub enum Command {
     Bench(BenchArgs),
     /// Serve the OpenAI- and Ollama-compatible HTTP API.
     Serve(ServeArgs),
+    /// Train a model of the router (`train classifier`).
+    Train {
+        #[command(subcommand)]
+        what: TrainWhat,
+    },
+    /// Measure a model of the router on labelled data (`eval classifier --data FILE`).
+    Eval {
+        #[command(subcommand)]
+        what: EvalWhat,
+    },
+    /// Print the task class of a prompt and the classifier's confidence, as JSON.
+    Classify {
+        text: String,
+        #[arg(long, default_value = "models/classifier/weights.bin")]
+        weights: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TrainWhat {
+    /// Train the task classifier on labelled prompts and save its weights.
+    Classifier {
+        #[arg(long, default_value = "models/classifier/train.jsonl")]
+        data: PathBuf,
+        #[arg(long, default_value = "models/classifier/weights.bin")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 12)]
+        epochs: usize,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum EvalWhat {
+    /// Per-class precision and recall, the confusion matrix, and a closing JSON line.
+    Classifier {
+        #[arg(long, default_value = "models/classifier/heldout.jsonl")]
+        data: PathBuf,
+        #[arg(long, default_value = "models/classifier/weights.bin")]
+        weights: PathBuf,
+    },
 }
 
 #[derive(Args, Debug)]

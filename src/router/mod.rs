@@ -1,6 +1,7 @@
-//! Smart routing (in progress): the quality validator and the savings ledger. The task
-//! classifier, the routing policy and the escalation path are still to come; see the routing
-//! issue's notes.
+//! Smart routing (in progress): the task classifier, the quality validator and the savings
+//! ledger. The routing policy and the escalation path are still to come; see the routing issue's
+//! notes.
 
+pub mod classifier;
 pub mod ledger;
 pub mod validator;
