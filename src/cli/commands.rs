@@ -48,7 +48,7 @@ pub(super) fn set_threads(threads: Option<usize>) -> Result<()> {
 
 /// Resolve `--model`, fetching the default model on first use.
 fn resolve(args: &ModelArgs) -> Result<(String, PathBuf)> {
-    let cat = catalog(args.models_dir.clone())?;
+    let cat = catalog(args.runtime.models_dir.clone())?;
     match cat.resolve(&args.model) {
         Ok(found) => Ok(found),
         Err(llmgenie::catalog::CatalogError::NotDownloaded { name, .. }) => {
@@ -61,9 +61,9 @@ fn resolve(args: &ModelArgs) -> Result<(String, PathBuf)> {
 }
 
 pub(super) fn start_engine(args: &ModelArgs, verbose: bool) -> Result<Engine> {
-    set_threads(args.threads)?;
+    set_threads(args.runtime.threads)?;
     let (name, path) = resolve(args)?;
-    let device = select_device(args.device)?;
+    let device = select_device(args.runtime.device)?;
     let engine = Engine::start(&name, &path, device)?;
     if verbose {
         let info = engine.info();
@@ -187,9 +187,9 @@ fn list(dir: Option<PathBuf>) -> Result<()> {
 }
 
 fn bench(args: BenchArgs) -> Result<()> {
-    set_threads(args.model.threads)?;
+    set_threads(args.model.runtime.threads)?;
     let (name, path) = resolve(&args.model)?;
-    let device = select_device(args.model.device)?;
+    let device = select_device(args.model.runtime.device)?;
     let cfg = llmgenie::bench::BenchConfig {
         prompt_tokens: args.prompt_tokens,
         gen_tokens: args.gen_tokens,

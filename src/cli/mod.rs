@@ -113,12 +113,8 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     pub models: Vec<String>,
-    #[arg(long, env = "LLMGENIE_DEVICE", default_value = "auto")]
-    pub device: DeviceChoice,
-    #[arg(long, env = "LLMGENIE_THREADS")]
-    pub threads: Option<usize>,
-    #[arg(long, env = "LLMGENIE_MODELS")]
-    pub models_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
     /// Largest request body in bytes.
     #[arg(long, env = "LLMGENIE_MAX_BODY_BYTES", default_value_t = 4 << 20)]
     pub max_body_bytes: usize,
@@ -156,12 +152,20 @@ pub struct ModelArgs {
     /// A catalogue name (see `llmgenie list`) or a path to a .gguf file. Default: smollm2-135m.
     #[arg(long, short, env = "LLMGENIE_MODEL", default_value = "")]
     pub model: String,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+/// Where models come from and run; shared by the commands that load models.
+#[derive(Args, Debug, Clone)]
+pub struct RuntimeArgs {
     /// cpu, cuda, metal or auto (the best this build has).
     #[arg(long, env = "LLMGENIE_DEVICE", default_value = "auto")]
     pub device: DeviceChoice,
     /// CPU threads for compute (default: all cores).
     #[arg(long, env = "LLMGENIE_THREADS")]
     pub threads: Option<usize>,
+    /// Where model files live (default: ./models).
     #[arg(long, env = "LLMGENIE_MODELS")]
     pub models_dir: Option<PathBuf>,
 }

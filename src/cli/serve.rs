@@ -12,9 +12,9 @@ use super::commands::set_threads;
 use super::ServeArgs;
 
 pub fn serve(args: ServeArgs) -> Result<()> {
-    set_threads(args.threads)?;
-    let catalog = Catalog::load(&args.models_dir.clone().unwrap_or_else(models_dir))?;
-    let device = select_device(args.device)?;
+    set_threads(args.runtime.threads)?;
+    let catalog = Catalog::load(&args.runtime.models_dir.clone().unwrap_or_else(models_dir))?;
+    let device = select_device(args.runtime.device)?;
     let models = if args.models.is_empty() {
         vec![catalog.default.clone()]
     } else {
