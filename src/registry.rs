@@ -126,7 +126,6 @@ enum Slot {
 /// A model in memory.
 struct Resident {
     engine: Arc<Engine>,
-    loaded_at: SystemTime,
     /// When it may be unloaded once idle; `None`: never.
     expires: Option<Instant>,
     bytes: u64,
@@ -144,7 +143,6 @@ impl Resident {
 pub struct ResidentInfo {
     pub name: String,
     pub engine: Arc<Engine>,
-    pub loaded_at: SystemTime,
     /// Wall-clock time of unloading once idle; `None`: never.
     pub expires_at: Option<SystemTime>,
 }
@@ -205,10 +203,6 @@ impl Registry {
                 slots: Mutex::new(HashMap::new()),
             }),
         }
-    }
-
-    pub fn default_model(&self) -> &str {
-        &self.inner.default_model
     }
 
     /// Keep `name` resident unless a request's own keep-alive says otherwise (preloading).
@@ -393,7 +387,6 @@ impl Registry {
                             name.clone(),
                             Slot::Ready(Resident {
                                 engine: engine.clone(),
-                                loaded_at: SystemTime::now(),
                                 expires,
                                 bytes,
                             }),
@@ -419,7 +412,6 @@ impl Registry {
                 Slot::Ready(r) => Some(ResidentInfo {
                     name: name.clone(),
                     engine: r.engine.clone(),
-                    loaded_at: r.loaded_at,
                     expires_at: r
                         .expires
                         .map(|e| SystemTime::now() + e.saturating_duration_since(Instant::now())),

@@ -105,6 +105,21 @@ fn request() -> MessagesRequest {
     }
 }
 
+/// Every item of a streamed request, errors included.
+fn collect_stream(
+    client: &ClaudeClient,
+    rt: &tokio::runtime::Runtime,
+) -> Vec<Result<StreamEvent, ClaudeError>> {
+    rt.block_on(async {
+        client
+            .stream(&request())
+            .await
+            .unwrap()
+            .collect::<Vec<_>>()
+            .await
+    })
+}
+
 fn message_json(text: &str) -> Value {
     json!({"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
            "content": [{"type": "text", "text": text}], "stop_reason": "end_turn", "stop_sequence": null,
@@ -247,10 +262,7 @@ fn streams_yield_text_then_usage() {
         &["Hel", "lo", " world"],
         true,
     ))]);
-    let events: Vec<_> = rt.block_on(async {
-        let s = client.stream(&request()).await.unwrap();
-        s.collect::<Vec<_>>().await
-    });
+    let events = collect_stream(&client, &rt);
     let mut text = String::new();
     let mut done = None;
     for e in events {
@@ -276,14 +288,7 @@ fn streams_yield_text_then_usage() {
 #[test]
 fn a_stream_without_message_stop_or_with_an_error_event_fails() {
     let (client, _f, rt) = fake(vec![Reply::Sse(stream_events(&["partial"], false))]);
-    let last = rt.block_on(async {
-        client
-            .stream(&request())
-            .await
-            .unwrap()
-            .collect::<Vec<_>>()
-            .await
-    });
+    let last = collect_stream(&client, &rt);
     assert!(
         matches!(last.last(), Some(Err(ClaudeError::Incomplete))),
         "{last:?}"
@@ -295,14 +300,7 @@ fn a_stream_without_message_stop_or_with_an_error_event_fails() {
         json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
     )]));
     let (client, _f, rt) = fake(vec![Reply::Sse(text)]);
-    let last = rt.block_on(async {
-        client
-            .stream(&request())
-            .await
-            .unwrap()
-            .collect::<Vec<_>>()
-            .await
-    });
+    let last = collect_stream(&client, &rt);
     assert!(
         matches!(last.last(), Some(Err(ClaudeError::Stream { kind, .. })) if kind == "overloaded_error"),
         "{last:?}"

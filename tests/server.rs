@@ -175,6 +175,22 @@ fn dechunk(mut s: &str) -> String {
     out
 }
 
+/// Start a streamed request, wait for its first bytes, and hand back the open connection
+/// (dropping it is a client that leaves).
+fn start_stream(addr: SocketAddr, path: &str, body: Value) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    let body = body.to_string();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut first = [0u8; 64];
+    s.read_exact(&mut first).unwrap();
+    s
+}
+
 fn post(addr: SocketAddr, path: &str, body: Value) -> Reply {
     http(addr, "POST", path, body.to_string().as_bytes())
 }
@@ -434,18 +450,12 @@ fn full_model_gets_429_and_a_client_that_leaves_frees_its_place() {
         ..Limits::default()
     });
     // A long streaming request that we abandon after its first bytes.
-    let mut s = TcpStream::connect(srv.addr).unwrap();
-    let body = json!({"messages": [{"role": "user", "content": "Count to one thousand."}],
-                      "max_tokens": 4000, "stream": true, "temperature": 0})
-    .to_string();
-    write!(
-        s,
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut first = [0u8; 64];
-    s.read_exact(&mut first).unwrap();
+    let s = start_stream(
+        srv.addr,
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "user", "content": "Count to one thousand."}],
+               "max_tokens": 4000, "stream": true, "temperature": 0}),
+    );
     // The model is at capacity: the next request is refused at once with Retry-After.
     let r = post(
         srv.addr,
@@ -544,18 +554,12 @@ fn a_budget_of_one_model_evicts_the_idle_one_but_never_one_in_use() {
     );
 
     // While gemma3 streams a long answer it is in use: loading smollm2 cannot evict it.
-    let mut s = TcpStream::connect(srv.addr).unwrap();
-    let body = json!({"model": "gemma3-270m", "prompt": "Count to one thousand:", "stream": true,
-                      "options": {"num_predict": 3000}})
-    .to_string();
-    write!(
-        s,
-        "POST /api/generate HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut first = [0u8; 64];
-    s.read_exact(&mut first).unwrap();
+    let s = start_stream(
+        srv.addr,
+        "/api/generate",
+        json!({"model": "gemma3-270m", "prompt": "Count to one thousand:", "stream": true,
+               "options": {"num_predict": 3000}}),
+    );
     let r = post(srv.addr, "/api/chat", quick("smollm2-135m"));
     assert_eq!(r.status, 503, "{}", r.body);
     assert!(r.json()["error"].as_str().unwrap().contains("in use"));

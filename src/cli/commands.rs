@@ -147,10 +147,7 @@ pub(super) fn generate(
 
 fn inspect(model: &str) -> Result<()> {
     let cat = catalog(None)?;
-    let path = match cat.resolve(model) {
-        Ok((_, p)) => p,
-        Err(e) => return Err(e.into()),
-    };
+    let (_, path) = cat.resolve(model)?;
     let file = GgufFile::open(&path)?;
     let summary = summarize(&file)?;
     println!("file: {}", path.display());

@@ -40,17 +40,6 @@ impl KvCache {
         self.len == 0
     }
 
-    /// Forget everything; storage is released.
-    pub fn clear(&mut self) {
-        self.layers.iter_mut().for_each(|l| *l = None);
-        self.len = 0;
-    }
-
-    /// Keep only the first `len` positions (for reusing a shared prompt prefix).
-    pub fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
-    }
-
     /// Bytes held by the cache's storage.
     pub fn bytes(&self) -> usize {
         self.layers

@@ -109,7 +109,8 @@ pub struct Job {
 /// the admission limit, and queue it.
 ///
 /// # Errors
-/// Unknown model (404), prompt too long (422), too many requests (429), bad sampling (400).
+/// Unknown model (404), prompt too long for the context (422), too many requests (429), bad
+/// sampling (400).
 pub async fn start(state: &AppState, req: ValidGenerate) -> Result<Job, ApiError> {
     let started = Instant::now();
     let lease = state.registry.acquire(&req.model, req.keep_alive).await?;
@@ -133,17 +134,6 @@ pub async fn start(state: &AppState, req: ValidGenerate) -> Result<Job, ApiError
     })
     .await
     .map_err(|_| ApiError::new(ErrorKind::Internal, "tokenization failed"))??;
-    let context = engine.info().spec.context_length;
-    if ids.len() >= context {
-        return Err(ApiError::new(
-            ErrorKind::Unprocessable,
-            format!(
-                "the prompt has {} tokens but model '{model}' holds at most {} (its context is {context})",
-                ids.len(),
-                context - 1
-            ),
-        ));
-    }
     if engine.stats().pending.load(Ordering::Relaxed) >= state.limits.max_pending_per_model {
         return Err(ApiError::new(
             ErrorKind::Busy,
@@ -153,8 +143,9 @@ pub async fn start(state: &AppState, req: ValidGenerate) -> Result<Job, ApiError
             ),
         ));
     }
-    // max_tokens beyond what the context leaves is clamped to it (documented in README).
-    let room = context - ids.len();
+    // max_tokens beyond what the context leaves is clamped to it (documented in README); a
+    // prompt that leaves no room is refused by `Engine::submit` (422).
+    let room = engine.info().spec.context_length.saturating_sub(ids.len());
     let max_tokens = Some(req.max_tokens.map_or(room, |m| m.min(room)));
     let prompt_tokens = ids.len();
     let events = engine.submit(GenerateRequest {
