@@ -2,82 +2,25 @@
 //! answers, SSE streams (ping, content blocks, message_delta, message_stop, in-stream errors),
 //! error bodies, and retry headers.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::routing::post;
-use axum::Router;
 use futures_util::StreamExt;
 use llmgenie::claude::{
     ClaudeClient, ClaudeConfig, ClaudeError, ClaudeMessage, MessagesRequest, StreamEvent, Usage,
 };
-use serde_json::{json, Value};
+use serde_json::json;
 
-/// What the fake server does for each successive request.
-#[derive(Clone)]
-enum Reply {
-    Json(Value),
-    /// Status, extra headers, error type.
-    Error(u16, Vec<(&'static str, &'static str)>, &'static str),
-    /// Raw SSE text.
-    Sse(String),
-}
+use crate::util::fake_claude::{
+    self, message_json, sse, stream_event_list, stream_events, Fake, Reply,
+};
 
-#[derive(Clone)]
-struct Fake {
-    script: Arc<Vec<Reply>>,
-    calls: Arc<AtomicUsize>,
-    seen: Arc<Mutex<Vec<(HeaderMap, Value)>>>,
-}
-
-async fn messages(
-    axum::extract::State(f): axum::extract::State<Fake>,
-    headers: HeaderMap,
-    body: String,
-) -> Response {
-    let n = f.calls.fetch_add(1, Ordering::SeqCst);
-    let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
-    f.seen.lock().unwrap().push((headers, v));
-    let reply = f.script.get(n).or(f.script.last()).cloned().unwrap();
-    match reply {
-        Reply::Json(v) => axum::Json(v).into_response(),
-        Reply::Error(status, headers, kind) => {
-            let mut resp = (
-                StatusCode::from_u16(status).unwrap(),
-                axum::Json(json!({"type": "error", "error": {"type": kind, "message": format!("{kind} happened")}})),
-            )
-                .into_response();
-            for (k, v) in headers {
-                resp.headers_mut().insert(k, v.parse().unwrap());
-            }
-            resp
-        }
-        Reply::Sse(text) => ([("content-type", "text/event-stream")], text).into_response(),
-    }
-}
-
-/// Start the fake on a runtime of its own; returns the client and the shared record.
+/// A client of the fake with short backoffs; the fake lives as long as the runtime.
 fn fake(script: Vec<Reply>) -> (ClaudeClient, Fake, tokio::runtime::Runtime) {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let f = Fake {
-        script: Arc::new(script),
-        calls: Arc::new(AtomicUsize::new(0)),
-        seen: Arc::new(Mutex::new(Vec::new())),
-    };
-    let app = Router::new()
-        .route("/v1/messages", post(messages))
-        .with_state(f.clone());
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    rt.spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let (f, rt) = fake_claude::start(script);
     let client = ClaudeClient::new(ClaudeConfig {
         api_key: Some("test-key".into()),
-        base_url: format!("http://{addr}"),
+        base_url: f.base_url(),
         timeout: Duration::from_secs(10),
         max_retries: 3,
         backoff_base: Duration::from_millis(20),
@@ -118,46 +61,6 @@ fn collect_stream(
             .collect::<Vec<_>>()
             .await
     })
-}
-
-fn message_json(text: &str) -> Value {
-    json!({"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
-           "content": [{"type": "text", "text": text}], "stop_reason": "end_turn", "stop_sequence": null,
-           "usage": {"input_tokens": 12, "output_tokens": 5}})
-}
-
-fn sse(events: &[(&str, Value)]) -> String {
-    events
-        .iter()
-        .map(|(e, d)| format!("event: {e}\ndata: {d}\n\n"))
-        .collect()
-}
-
-fn stream_events(text_parts: &[&str], stop: bool) -> String {
-    let mut ev = vec![
-        (
-            "message_start",
-            json!({"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant",
-            "model": "claude-sonnet-4-5", "content": [], "stop_reason": null, "usage": {"input_tokens": 12, "output_tokens": 1}}}),
-        ),
-        (
-            "content_block_start",
-            json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
-        ),
-        ("ping", json!({"type": "ping"})),
-    ];
-    for t in text_parts {
-        ev.push(("content_block_delta", json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": t}})));
-    }
-    ev.push((
-        "content_block_stop",
-        json!({"type": "content_block_stop", "index": 0}),
-    ));
-    ev.push(("message_delta", json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null}, "usage": {"output_tokens": 7}})));
-    if stop {
-        ev.push(("message_stop", json!({"type": "message_stop"})));
-    }
-    sse(&ev)
 }
 
 #[test]
@@ -337,7 +240,14 @@ fn spend_limit_is_final_and_the_deadline_bounds_retries() {
 
 #[test]
 fn the_circuit_breaker_opens_after_repeated_failures() {
-    let (client, f, rt) = fake(vec![Reply::Error(400, vec![], "invalid_request_error")]);
+    // A malformed request says nothing about Claude's health: it never opens the breaker.
+    let (client, _f, rt) = fake(vec![Reply::Error(400, vec![], "invalid_request_error")]);
+    for _ in 0..4 {
+        assert!(rt.block_on(client.create(&request())).is_err());
+    }
+    assert!(!client.circuit_open());
+
+    let (client, f, rt) = fake(vec![Reply::Error(401, vec![], "authentication_error")]);
     for _ in 0..3 {
         assert!(matches!(
             rt.block_on(client.create(&request())),
@@ -361,4 +271,81 @@ fn the_api_key_never_appears_in_errors() {
     let (client, _f, rt) = fake(vec![Reply::Error(401, vec![], "authentication_error")]);
     let e = rt.block_on(client.create(&request())).unwrap_err();
     assert!(!format!("{e} {e:?}").contains("test-key"));
+}
+
+#[test]
+fn a_server_error_then_success_honours_retry_after_seconds() {
+    let (client, f, rt) = fake(vec![
+        Reply::Error(500, vec![("retry-after", "1")], "api_error"),
+        Reply::Json(message_json("second time lucky")),
+    ]);
+    let started = Instant::now();
+    let r = rt.block_on(client.create(&request())).unwrap();
+    assert_eq!(r.text, "second time lucky");
+    assert_eq!((r.attempts, f.calls()), (2, 2));
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    assert!(!client.circuit_open());
+}
+
+#[test]
+fn a_stream_that_stalls_ends_at_the_deadline() {
+    let events = stream_event_list(&["one ", "two ", "three ", "four"], true);
+    // The opening events and the first text at once, then one event per 400 ms.
+    let mut parts = vec![events[..4].concat()];
+    parts.extend(events[4..].iter().cloned());
+    let (client, _f, rt) = fake(vec![Reply::SlowSse(parts, Duration::from_millis(400))]);
+    let started = Instant::now();
+    let items: Vec<_> = rt.block_on(async {
+        let deadline = Instant::now() + Duration::from_millis(1500);
+        client
+            .stream_until(&request(), deadline)
+            .await
+            .unwrap()
+            .collect()
+            .await
+    });
+    assert!(started.elapsed() < Duration::from_millis(2500));
+    assert!(
+        matches!(items.last(), Some(Err(ClaudeError::Deadline))),
+        "{items:?}"
+    );
+    // The events before the stall came through.
+    assert!(items.iter().any(|i| matches!(i, Ok(StreamEvent::Text(_)))));
+}
+
+/// Everything logged at any level while `f` runs on this thread.
+fn logged<R>(f: impl FnOnce() -> R) -> (R, String) {
+    #[derive(Clone, Default)]
+    struct Buf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buf = Buf::default();
+    let out = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || out.clone())
+        .finish();
+    let r = tracing::subscriber::with_default(subscriber, f);
+    let text = String::from_utf8_lossy(&buf.0.lock().unwrap()).to_string();
+    (r, text)
+}
+
+#[test]
+fn the_api_key_is_never_logged() {
+    let (client, f, rt) = fake(vec![
+        Reply::Error(529, vec![], "overloaded_error"),
+        Reply::Error(401, vec![], "authentication_error"),
+    ]);
+    let (result, logs) = logged(|| rt.block_on(client.create(&request())));
+    assert!(result.is_err());
+    assert_eq!(f.calls(), 2);
+    assert!(logs.contains("retrying"), "the retry was logged: {logs}");
+    assert!(!logs.contains("test-key"), "{logs}");
 }

@@ -6,23 +6,36 @@ use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use llmgenie::catalog::Catalog;
+use llmgenie::claude::ClaudeConfig;
 use llmgenie::engine::EngineStats;
 use llmgenie::registry::{Budget, KeepAlive, Registry};
+use llmgenie::router::policy::RouterConfig;
+use llmgenie::server::routed::Routing;
 use llmgenie::server::{self, AppState, Limits};
 use serde_json::{json, Value};
 
 use crate::util::{model_path, reference, root, GEMMA3, SMOLLM2};
 
+/// The router with no Claude key: `auto` answers stay local.
+pub fn offline_routing() -> Routing {
+    let cfg = RouterConfig::default();
+    let claude = ClaudeConfig {
+        api_key: None,
+        ..Routing::claude_config(&cfg)
+    };
+    Routing::new(cfg, claude).unwrap()
+}
+
 /// A server running on its own runtime thread; stopped when dropped.
-struct TestServer {
-    addr: SocketAddr,
-    state: AppState,
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub state: AppState,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl TestServer {
-    fn start(limits: Limits) -> Self {
+    pub fn start(limits: Limits) -> Self {
         Self::with_policy(
             limits,
             KeepAlive::For(Duration::from_secs(300)),
@@ -35,7 +48,7 @@ impl TestServer {
         Self::configured(limits, keep_alive, budget, |s| s)
     }
 
-    fn configured(
+    pub fn configured(
         limits: Limits,
         keep_alive: KeepAlive,
         budget: Budget,
@@ -46,7 +59,7 @@ impl TestServer {
             Registry::with_policy(catalog, Device::Cpu, "smollm2-135m", keep_alive, budget);
         registry.add_file("smollm2-135m", &model_path(SMOLLM2));
         registry.add_file("gemma3-270m", &model_path(GEMMA3));
-        let state = configure(AppState::new(registry, limits));
+        let state = configure(AppState::new(registry, limits, offline_routing()));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let server_state = state.clone();
@@ -75,7 +88,7 @@ impl TestServer {
         }
     }
 
-    fn resident(&self) -> Vec<String> {
+    pub fn resident(&self) -> Vec<String> {
         self.state
             .registry
             .resident()
@@ -97,7 +110,7 @@ impl TestServer {
         }
     }
 
-    fn engine_stats<R>(&self, f: impl Fn(&EngineStats) -> R) -> R {
+    pub fn engine_stats<R>(&self, f: impl Fn(&EngineStats) -> R) -> R {
         let resident = self.state.registry.resident();
         f(resident[0].engine.stats())
     }
@@ -114,26 +127,26 @@ impl Drop for TestServer {
     }
 }
 
-struct Reply {
-    status: u16,
-    headers: String,
-    body: String,
+pub struct Reply {
+    pub status: u16,
+    pub headers: String,
+    pub body: String,
 }
 
 impl Reply {
-    fn json(&self) -> Value {
+    pub fn json(&self) -> Value {
         serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
     }
 }
 
 /// One HTTP/1.1 request with `Connection: close`; reads the whole response (chunked bodies are
 /// de-chunked).
-fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Reply {
+pub fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Reply {
     http_with(addr, method, path, body, "")
 }
 
 /// As [`http`], with extra header lines (each ending in `\r\n`).
-fn http_with(addr: SocketAddr, method: &str, path: &str, body: &[u8], extra: &str) -> Reply {
+pub fn http_with(addr: SocketAddr, method: &str, path: &str, body: &[u8], extra: &str) -> Reply {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
     let head = format!(
@@ -162,7 +175,7 @@ fn http_with(addr: SocketAddr, method: &str, path: &str, body: &[u8], extra: &st
     }
 }
 
-fn dechunk(mut s: &str) -> String {
+pub fn dechunk(mut s: &str) -> String {
     let mut out = String::new();
     while let Some((size, rest)) = s.split_once("\r\n") {
         let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
@@ -177,7 +190,7 @@ fn dechunk(mut s: &str) -> String {
 
 /// Start a streamed request, wait for its first bytes, and hand back the open connection
 /// (dropping it is a client that leaves).
-fn start_stream(addr: SocketAddr, path: &str, body: Value) -> TcpStream {
+pub fn start_stream(addr: SocketAddr, path: &str, body: Value) -> TcpStream {
     let mut s = TcpStream::connect(addr).unwrap();
     let body = body.to_string();
     write!(
@@ -191,7 +204,7 @@ fn start_stream(addr: SocketAddr, path: &str, body: Value) -> TcpStream {
     s
 }
 
-fn post(addr: SocketAddr, path: &str, body: Value) -> Reply {
+pub fn post(addr: SocketAddr, path: &str, body: Value) -> Reply {
     http(addr, "POST", path, body.to_string().as_bytes())
 }
 

@@ -10,4 +10,5 @@ mod clients;
 mod engine;
 mod loader;
 mod reference;
+mod routing;
 mod server;

@@ -214,6 +214,7 @@ impl ClaudeClient {
         }
     }
 
+    /// Whether a key is configured (without one, nothing is sent).
     pub fn enabled(&self) -> bool {
         self.cfg.api_key.is_some()
     }
@@ -244,7 +245,17 @@ impl ClaudeClient {
             return Err(ClaudeError::CircuitOpen(self.breaker().failures));
         }
         let result = self.send_with_retries(key, body, deadline).await;
-        self.record(result.is_ok());
+        // A request Claude found malformed says nothing about Claude's health.
+        let request_fault = matches!(
+            &result,
+            Err(ClaudeError::Api {
+                status: 400 | 404 | 413,
+                ..
+            })
+        );
+        if !request_fault {
+            self.record(result.is_ok());
+        }
         result
     }
 
@@ -343,9 +354,23 @@ impl ClaudeClient {
         request: &MessagesRequest,
     ) -> Result<impl futures_util::Stream<Item = Result<StreamEvent, ClaudeError>>, ClaudeError>
     {
+        self.stream_until(request, std::time::Instant::now() + self.cfg.timeout)
+            .await
+    }
+
+    /// As [`ClaudeClient::stream`], with every attempt, wait and chunk inside `deadline`: a
+    /// stream that stalls past it yields [`ClaudeError::Deadline`] and ends.
+    ///
+    /// # Errors
+    /// As [`ClaudeClient::create_until`], before the stream starts.
+    pub async fn stream_until(
+        &self,
+        request: &MessagesRequest,
+        deadline: std::time::Instant,
+    ) -> Result<impl futures_util::Stream<Item = Result<StreamEvent, ClaudeError>>, ClaudeError>
+    {
         let mut body = request.clone();
         body.stream = true;
-        let deadline = std::time::Instant::now() + self.cfg.timeout;
         let (resp, _) = self.send(&body, deadline).await?;
         let bytes = resp.bytes_stream();
         let state = StreamState {
@@ -356,37 +381,45 @@ impl ClaudeClient {
             stop_reason: None,
             finished: false,
         };
-        Ok(futures_util::stream::unfold(state, |mut st| async move {
-            loop {
-                if st.finished {
-                    return None;
-                }
-                if let Some(ev) = st.pending.pop_front() {
-                    match st.handle(ev) {
-                        Ok(Some(out)) => return Some((Ok(out), st)),
-                        Ok(None) => continue,
-                        Err(e) => {
+        Ok(futures_util::stream::unfold(
+            state,
+            move |mut st| async move {
+                loop {
+                    if st.finished {
+                        return None;
+                    }
+                    if let Some(ev) = st.pending.pop_front() {
+                        match st.handle(ev) {
+                            Ok(Some(out)) => return Some((Ok(out), st)),
+                            Ok(None) => continue,
+                            Err(e) => {
+                                st.finished = true;
+                                return Some((Err(e), st));
+                            }
+                        }
+                    }
+                    let next = tokio::time::timeout_at(deadline.into(), st.bytes.next()).await;
+                    let Ok(next) = next else {
+                        st.finished = true;
+                        return Some((Err(ClaudeError::Deadline), st));
+                    };
+                    match next {
+                        Some(Ok(chunk)) => {
+                            let evs = st.parser.push(&chunk);
+                            st.pending.extend(evs);
+                        }
+                        Some(Err(e)) => {
                             st.finished = true;
-                            return Some((Err(e), st));
+                            return Some((Err(ClaudeError::Transport(e.to_string())), st));
+                        }
+                        None => {
+                            st.finished = true;
+                            return Some((Err(ClaudeError::Incomplete), st));
                         }
                     }
                 }
-                match st.bytes.next().await {
-                    Some(Ok(chunk)) => {
-                        let evs = st.parser.push(&chunk);
-                        st.pending.extend(evs);
-                    }
-                    Some(Err(e)) => {
-                        st.finished = true;
-                        return Some((Err(ClaudeError::Transport(e.to_string())), st));
-                    }
-                    None => {
-                        st.finished = true;
-                        return Some((Err(ClaudeError::Incomplete), st));
-                    }
-                }
-            }
-        }))
+            },
+        ))
     }
 }
 

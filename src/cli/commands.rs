@@ -23,7 +23,9 @@ pub fn dispatch(cli: Cli) -> Result<()> {
         Command::Serve(args) => super::serve::serve(args),
         Command::Train { what } => super::router_cmds::train(what),
         Command::Eval { what } => super::router_cmds::eval(what),
-        Command::Classify { text, weights } => super::router_cmds::classify(&text, &weights),
+        Command::Classify { text, weights } => {
+            super::router_cmds::classify(&text, weights.as_deref())
+        }
     }
 }
 

@@ -3,7 +3,8 @@
 //! Each key is a flag's name (`port = 8080`, `keep_alive = "10m"`, `models = ["smollm2-135m"]`);
 //! it becomes the `LLMGENIE_*` environment variable of that flag unless the environment already
 //! sets it, so the precedence is: command-line flag, then environment, then file, then default.
-//! Secrets (`api_key`) are refused in files: keep them in the environment.
+//! Secrets (`api_key`) are refused in files: keep them in the environment. The `[router]`
+//! table holds the routing policy (`RouterConfig`), read by `serve`.
 
 use std::path::PathBuf;
 
@@ -25,6 +26,13 @@ const KEYS: &[(&str, &str)] = &[
     ("max_pending", "LLMGENIE_MAX_PENDING"),
     ("cors_origins", "LLMGENIE_CORS_ORIGINS"),
     ("shutdown_grace", "LLMGENIE_SHUTDOWN_GRACE"),
+    ("default_model", "LLMGENIE_DEFAULT_MODEL"),
+    ("claude_model", "LLMGENIE_CLAUDE_MODEL"),
+    ("claude_base_url", "LLMGENIE_CLAUDE_BASE_URL"),
+    (
+        "stream_local_immediately",
+        "LLMGENIE_STREAM_LOCAL_IMMEDIATELY",
+    ),
 ];
 
 /// The config path from `--config PATH`, `--config=PATH` or `LLMGENIE_CONFIG`.
@@ -69,6 +77,10 @@ pub fn apply() -> Result<()> {
     let table: toml::Table = toml::from_str(&text)
         .with_context(|| format!("config file {} is not valid TOML", path.display()))?;
     for (key, value) in &table {
+        if key == "router" {
+            // Read by `serve` itself (`router_config`): a table, not a flag.
+            continue;
+        }
         if key == "api_key" {
             bail!(
                 "config file {}: keep api_key out of files; set LLMGENIE_API_KEY",
@@ -88,4 +100,24 @@ pub fn apply() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The `[router]` table of the config file, if there is a file and it has one.
+///
+/// # Errors
+/// The file cannot be read or parsed, or the table has an unknown key or a wrong type.
+pub fn router_config() -> Result<llmgenie::router::policy::RouterConfig> {
+    let Some(path) = config_path() else {
+        return Ok(Default::default());
+    };
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    let mut table: toml::Table = toml::from_str(&text)
+        .with_context(|| format!("config file {} is not valid TOML", path.display()))?;
+    match table.remove("router") {
+        None => Ok(Default::default()),
+        Some(v) => v
+            .try_into()
+            .with_context(|| format!("config file {}: [router]", path.display())),
+    }
 }

@@ -68,8 +68,9 @@ pub enum Command {
     /// Print the task class of a prompt and the classifier's confidence, as JSON.
     Classify {
         text: String,
-        #[arg(long, default_value = "models/classifier/weights.bin")]
-        weights: PathBuf,
+        /// Weights file (default: the weights built into this binary).
+        #[arg(long)]
+        weights: Option<PathBuf>,
     },
 }
 
@@ -92,8 +93,15 @@ pub enum EvalWhat {
     Classifier {
         #[arg(long, default_value = "models/classifier/heldout.jsonl")]
         data: PathBuf,
-        #[arg(long, default_value = "models/classifier/weights.bin")]
-        weights: PathBuf,
+        /// Weights file (default: the weights built into this binary).
+        #[arg(long)]
+        weights: Option<PathBuf>,
+    },
+    /// Precision and recall of the validator's `escalate` against answers labelled not
+    /// acceptable (lines `{"prompt", "answer", "acceptable"}`), and a closing JSON line.
+    Validator {
+        #[arg(long, default_value = "models/validator/labelled.jsonl")]
+        data: PathBuf,
     },
 }
 
@@ -144,6 +152,20 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     pub cors_origins: Vec<String>,
+    /// What a request that names no model gets: `auto` (routed) or a local model name.
+    /// Default: `[router] default_model`, else `auto`.
+    #[arg(long, env = "LLMGENIE_DEFAULT_MODEL")]
+    pub default_model: Option<String>,
+    /// The Claude model of escalations (default: claude-sonnet-4-5).
+    #[arg(long, env = "LLMGENIE_CLAUDE_MODEL")]
+    pub claude_model: Option<String>,
+    /// The Anthropic API's base URL (the key comes from ANTHROPIC_API_KEY only).
+    #[arg(long, env = "LLMGENIE_CLAUDE_BASE_URL")]
+    pub claude_base_url: Option<String>,
+    /// Stream the local answers of `auto` requests as they are generated: no validation, so
+    /// never an escalation mid-stream.
+    #[arg(long, env = "LLMGENIE_STREAM_LOCAL_IMMEDIATELY")]
+    pub stream_local_immediately: bool,
 }
 
 /// Which model and where it runs.

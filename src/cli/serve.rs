@@ -6,6 +6,7 @@ use anyhow::{Context, Result};
 use llmgenie::catalog::{models_dir, Catalog, CatalogError};
 use llmgenie::model::select_device;
 use llmgenie::registry::{Budget, KeepAlive, Registry};
+use llmgenie::server::routed::Routing;
 use llmgenie::server::{self, AppState, Limits};
 
 use super::commands::set_threads;
@@ -52,6 +53,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         .parse()
         .with_context(|| format!("--host must be an IP address, got '{}'", args.host))?;
     let addr = SocketAddr::new(ip, args.port);
+    let routing = routing(&args, &default)?;
     let state = AppState::new(
         registry.clone(),
         Limits {
@@ -59,6 +61,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
             max_pending_per_model: args.max_pending.max(1),
             shutdown_grace: std::time::Duration::from_secs(args.shutdown_grace),
         },
+        routing,
     )
     .with_api_key(args.api_key.clone())
     .with_cors_origins(args.cors_origins.clone());
@@ -78,6 +81,32 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         server::serve(state, addr, shutdown_signal()).await
     })?;
     Ok(())
+}
+
+/// The router from `[router]` in the config file, with the flags on top.
+fn routing(args: &ServeArgs, default_local: &str) -> Result<Routing> {
+    let mut cfg = super::config_file::router_config()?;
+    if let Some(m) = &args.default_model {
+        cfg.default_model = m.clone();
+    }
+    if let Some(m) = &args.claude_model {
+        cfg.claude_model = m.clone();
+        if cfg.prices.model != *m {
+            tracing::warn!(model = %m, priced = %cfg.prices.model, "the ledger's prices are for another Claude model; set [router.prices]");
+        }
+    }
+    if let Some(u) = &args.claude_base_url {
+        cfg.claude_base_url = u.clone();
+    }
+    cfg.stream_local_immediately |= args.stream_local_immediately;
+    if cfg.local_model.is_none() {
+        cfg.local_model = Some(default_local.to_string());
+    }
+    let claude = Routing::claude_config(&cfg);
+    if claude.api_key.is_none() {
+        eprintln!("ANTHROPIC_API_KEY is not set: escalation to Claude is off; answers stay local");
+    }
+    Ok(Routing::new(cfg, claude)?)
 }
 
 /// `8G`, `512M`, `1024K` or plain bytes.

@@ -77,6 +77,27 @@ pub struct Report {
     pub total: Totals,
     pub by_route: BTreeMap<String, Totals>,
     pub by_task: BTreeMap<String, Totals>,
+    /// Routed requests whose local answer was validated.
+    pub validated: u64,
+    /// Requests sent to Claude (directly or after validation).
+    pub escalated: u64,
+    /// Why requests were (to be) sent to Claude: validator reasons, `class_route`,
+    /// `low_classifier_confidence`, `requested`; counted whether or not the escalation happened.
+    pub escalation_reasons: BTreeMap<String, u64>,
+    /// Escalations that did not happen, and why (`no_api_key`, `circuit_open`, `deadline`).
+    pub not_escalated: BTreeMap<String, u64>,
+    /// Requests answered locally because Claude failed.
+    pub degraded: u64,
+}
+
+/// The routing facts of one request, for the counters.
+#[derive(Debug, Clone, Default)]
+pub struct Outcome<'a> {
+    pub validated: bool,
+    pub escalated: bool,
+    pub reasons: &'a [String],
+    pub not_escalated: Option<&'a str>,
+    pub degraded: bool,
 }
 
 /// The running ledger; a short lock around plain totals.
@@ -118,6 +139,20 @@ impl Ledger {
             .or_default()
             .add(route, input_tokens, output_tokens, usd);
         usd
+    }
+
+    /// Count what routing did with one request.
+    pub fn note(&self, o: &Outcome<'_>) {
+        let mut r = self.report.lock().unwrap_or_else(|e| e.into_inner());
+        r.validated += u64::from(o.validated);
+        r.escalated += u64::from(o.escalated);
+        r.degraded += u64::from(o.degraded);
+        for reason in o.reasons {
+            *r.escalation_reasons.entry(reason.clone()).or_default() += 1;
+        }
+        if let Some(why) = o.not_escalated {
+            *r.not_escalated.entry(why.into()).or_default() += 1;
+        }
     }
 
     pub fn report(&self) -> Report {

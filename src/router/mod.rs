@@ -1,7 +1,8 @@
-//! Smart routing (in progress): the task classifier, the quality validator and the savings
-//! ledger. The routing policy and the escalation path are still to come; see the routing issue's
-//! notes.
+//! Smart routing: the task classifier, the routing policy, the quality validator and the
+//! savings ledger. The server's side of it (running the plan, escalating to Claude) is in
+//! `server::routed`.
 
 pub mod classifier;
 pub mod ledger;
+pub mod policy;
 pub mod validator;

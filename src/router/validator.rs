@@ -5,7 +5,10 @@
 //! code was asked, low model confidence from the token log-probabilities, and an answer in another
 //! writing system than the question.
 
-use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
 
 /// Why an answer is escalated; `as_str` is the stable label used in headers and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -60,6 +63,18 @@ pub struct Expectations {
     pub json: bool,
     /// Code was asked for (the code class).
     pub code: bool,
+}
+
+impl Expectations {
+    /// What a request of this task class asks for: JSON for `extract` (or when a JSON format
+    /// was requested), code for `code`.
+    pub fn for_task(prompt: &str, task: &str, json_requested: bool) -> Self {
+        Self {
+            prompt: prompt.to_string(),
+            json: json_requested || task == "extract",
+            code: task == "code",
+        }
+    }
 }
 
 /// Thresholds; defaults measured on SmolLM2's answers (see README).
@@ -244,6 +259,111 @@ fn script(text: &str) -> &'static str {
     }
 }
 
+/// Errors of reading a labelled set.
+#[derive(Debug, thiserror::Error)]
+pub enum LabelledError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}: {message}")]
+    Data {
+        path: String,
+        line: usize,
+        message: String,
+    },
+}
+
+/// One labelled answer: `{"prompt", "answer", "acceptable"}`, with what else is known about how
+/// it was produced.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct Labelled {
+    pub prompt: String,
+    pub answer: String,
+    pub acceptable: bool,
+    /// The task class (default: the classifier's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
+    /// JSON was requested with a format field.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub json: bool,
+    /// The answer's token log-probabilities, when recorded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub logprobs: Vec<f32>,
+    /// The token limit cut the answer.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
+}
+
+/// Read a JSONL file of labelled answers.
+///
+/// # Errors
+/// The file cannot be read or a line is not a labelled answer.
+pub fn read_labelled(path: &Path) -> Result<Vec<Labelled>, LabelledError> {
+    let p = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| LabelledError::Io {
+        path: p.clone(),
+        source,
+    })?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l).map_err(|e| LabelledError::Data {
+                path: p.clone(),
+                line: i + 1,
+                message: e.to_string(),
+            })
+        })
+        .collect()
+}
+
+/// How well `escalate` finds the unacceptable answers.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Evaluation {
+    pub n: usize,
+    /// Escalated and not acceptable.
+    pub tp: usize,
+    /// Escalated but acceptable.
+    pub fp: usize,
+    /// Accepted but not acceptable.
+    pub fn_: usize,
+    pub tn: usize,
+    pub precision: f64,
+    pub recall: f64,
+    pub accuracy: f64,
+    /// How often each reason fired.
+    pub fired: BTreeMap<&'static str, usize>,
+}
+
+/// Judge every labelled answer with the default thresholds; `classify` names a prompt's task
+/// when the line does not.
+pub fn evaluate(lines: &[Labelled], classify: &dyn Fn(&str) -> &'static str) -> Evaluation {
+    let t = Thresholds::default();
+    let mut e = Evaluation::default();
+    for l in lines {
+        let task = l.task.clone().unwrap_or_else(|| classify(&l.prompt).into());
+        let expect = Expectations::for_task(&l.prompt, &task, l.json);
+        let v = validate(&l.answer, &l.logprobs, l.truncated, &expect, &t);
+        for r in &v.reasons {
+            *e.fired.entry(r.as_str()).or_default() += 1;
+        }
+        match (!v.accept(), l.acceptable) {
+            (true, false) => e.tp += 1,
+            (true, true) => e.fp += 1,
+            (false, false) => e.fn_ += 1,
+            (false, true) => e.tn += 1,
+        }
+    }
+    e.n = lines.len();
+    let ratio = |a: usize, b: usize| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+    e.precision = ratio(e.tp, e.tp + e.fp);
+    e.recall = ratio(e.tp, e.tp + e.fn_);
+    e.accuracy = ratio(e.tp + e.tn, e.n);
+    e
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -318,6 +438,29 @@ mod tests {
             &Thresholds::default(),
         );
         assert_eq!(v.reasons, vec![Reason::Truncated, Reason::LowConfidence]);
+    }
+
+    #[test]
+    fn evaluation_counts_against_the_labels() {
+        let line = |answer: &str, acceptable: bool| Labelled {
+            prompt: "Extract the name as JSON: Bob is 3.".into(),
+            answer: answer.into(),
+            acceptable,
+            task: Some("extract".into()),
+            json: false,
+            logprobs: vec![],
+            truncated: false,
+        };
+        let lines = vec![
+            line("{\"name\": \"Bob\"}", true),
+            line("The name is Bob", false),
+            line("{\"name\": \"Alice\"}", false),
+            line("not json", true),
+        ];
+        let e = evaluate(&lines, &|_| "qa");
+        assert_eq!((e.tp, e.fp, e.fn_, e.tn), (1, 1, 1, 1));
+        assert!((e.precision - 0.5).abs() < 1e-9 && (e.recall - 0.5).abs() < 1e-9);
+        assert_eq!(e.fired["invalid_json"], 2);
     }
 
     #[test]

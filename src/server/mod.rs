@@ -8,6 +8,7 @@ pub mod error;
 mod guard;
 mod ollama;
 mod openai;
+pub mod routed;
 pub mod run;
 
 use std::net::SocketAddr;
@@ -24,8 +25,9 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 
 use crate::registry::Registry;
-use crate::router::ledger::{Ledger, Prices};
+use crate::router::ledger::Ledger;
 use error::{ApiError, ErrorKind};
+use routed::Routing;
 
 /// Request limits.
 #[derive(Debug, Clone)]
@@ -59,20 +61,23 @@ pub struct AppState {
     pub api_key: Option<Arc<str>>,
     /// Origins allowed to call from a browser (`*` for any); empty: CORS off.
     pub cors_origins: Arc<[String]>,
-    /// What the answers served here would have cost on Claude.
+    /// What the answers served here would have cost on Claude, and what Claude cost.
     pub ledger: Arc<Ledger>,
+    /// The classifier, the policy and the Claude client.
+    pub routing: Arc<Routing>,
     ids: Arc<AtomicU64>,
 }
 
 impl AppState {
-    pub fn new(registry: Registry, limits: Limits) -> Self {
+    pub fn new(registry: Registry, limits: Limits, routing: Routing) -> Self {
         Self {
             registry,
             limits,
             draining: Arc::new(AtomicBool::new(false)),
             api_key: None,
             cors_origins: Arc::from(Vec::new()),
-            ledger: Arc::new(Ledger::new(Prices::default())),
+            ledger: Arc::new(Ledger::new(routing.config.prices.clone())),
+            routing: Arc::new(routing),
             ids: Arc::new(AtomicU64::new(1)),
         }
     }
@@ -175,9 +180,15 @@ async fn health(State(state): State<AppState>) -> impl IntoResponse {
 
 /// `GET /v1/stats`: the savings ledger.
 async fn stats(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let r = &state.routing;
     Json(json!({
         "prices": state.ledger.prices(),
         "totals": state.ledger.report(),
+        "claude": {
+            "model": r.config.claude_model,
+            "enabled": r.claude.enabled(),
+            "circuit_open": r.claude.circuit_open(),
+        },
     }))
 }
 

@@ -11,6 +11,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::error::{ApiError, OllamaError};
+use super::routed;
 use super::run::{self, check_stop, Job, PromptInput, ValidGenerate};
 use super::{parse_json, rfc3339, rfc3339_at, AppState, Body};
 use crate::chat::Message;
@@ -169,7 +170,9 @@ async fn load_only(
     chat: bool,
 ) -> Result<Response, OllamaError> {
     let unload = keep_alive == Some(KeepAlive::For(std::time::Duration::ZERO));
-    let lease = state.registry.acquire(model, keep_alive).await?;
+    // Loading `auto` (or a Claude model) loads the router's local model.
+    let model = routed::local_name(state, model);
+    let lease = state.registry.acquire(&model, keep_alive).await?;
     let name = lease.name.clone();
     drop(lease);
     if unload {
@@ -263,14 +266,17 @@ async fn respond(
     stream: bool,
     chat: bool,
 ) -> Result<Response, OllamaError> {
-    let mut job = run::start(&state, valid).await?;
+    let mut job = routed::answer(&state, valid, stream).await?;
+    let headers = job.decision.headers();
     if !stream {
         let done = run::collect(&mut job).await?;
-        let body = merge(
+        let routing = job.account(&done.finished);
+        let mut body = merge(
             piece(&job.model, &done.text, chat),
             final_fields(&job, &done.finished),
         );
-        return Ok(Json(body).into_response());
+        body["llmgenie"] = routing;
+        return Ok((headers, Json(body)).into_response());
     }
     // One JSON object per line. Dropping the body (the client left) drops the receiver, which
     // stops the generation.
@@ -282,11 +288,10 @@ async fn respond(
             Some(Event::Token(t)) if t.text.is_empty() => (None, false),
             Some(Event::Token(t)) => (Some(piece(&job.model, &t.text, chat)), false),
             Some(Event::Done(f)) => {
-                job.account(&f);
-                (
-                    Some(merge(piece(&job.model, "", chat), final_fields(&job, &f))),
-                    true,
-                )
+                let routing = job.account(&f);
+                let mut last = merge(piece(&job.model, "", chat), final_fields(&job, &f));
+                last["llmgenie"] = routing;
+                (Some(last), true)
             }
             Some(Event::Error(e)) => {
                 tracing::error!(error = %e, "generation failed mid-stream");
@@ -299,6 +304,7 @@ async fn respond(
     .filter_map(|v| async move { v })
     .map(|v| Ok::<_, std::convert::Infallible>(Bytes::from(format!("{v}\n"))));
     Ok((
+        headers,
         [(header::CONTENT_TYPE, "application/x-ndjson")],
         axum::body::Body::from_stream(lines),
     )
@@ -324,7 +330,7 @@ fn details(state: &AppState, name: &str) -> Value {
 
 /// `GET /api/tags`: the models that can be used.
 pub async fn tags(State(state): State<AppState>) -> Json<Value> {
-    let models: Vec<Value> = state
+    let mut models: Vec<Value> = state
         .registry
         .available()
         .into_iter()
@@ -340,6 +346,16 @@ pub async fn tags(State(state): State<AppState>) -> Json<Value> {
             })
         })
         .collect();
+    // The router: classified per request, answered locally or by Claude.
+    models.push(json!({
+        "name": "auto:latest",
+        "model": "auto:latest",
+        "modified_at": rfc3339(),
+        "size": 0,
+        "digest": "",
+        "details": {"format": "router", "family": "llmgenie", "families": ["llmgenie"],
+                    "parameter_size": "", "quantization_level": "", "parent_model": ""},
+    }));
     Json(json!({"models": models}))
 }
 

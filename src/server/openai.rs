@@ -11,6 +11,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::error::{ApiError, OpenAiError};
+use super::routed;
 use super::run::{self, check_stop, Job, PromptInput, ValidGenerate};
 use super::{parse_json, AppState, Body};
 use crate::chat::Message;
@@ -265,7 +266,11 @@ fn usage(prompt: usize, completion: usize) -> Value {
 }
 
 fn token_logprob(job: &Job, t: &TokenEvent) -> Value {
-    let tok = job.engine.tokenizer();
+    // Claude's answers carry no token ids (and `logprobs` is off for them).
+    let Some(engine) = &job.engine else {
+        return Value::Null;
+    };
+    let tok = engine.tokenizer();
     let text = |id: u32| tok.token_text(id).unwrap_or("").to_string();
     json!({
         "token": text(t.id),
@@ -305,7 +310,9 @@ pub async fn completions(
 }
 
 async fn respond(state: AppState, valid: Valid, chat: bool) -> Result<Response, OpenAiError> {
-    let mut job = run::start(&state, valid.generate).await?;
+    let mut job = routed::answer(&state, valid.generate, valid.stream).await?;
+    let headers = job.decision.headers();
+    let logprobs = valid.logprobs && job.engine.is_some();
     let id = format!(
         "{}-{}",
         if chat { "chatcmpl" } else { "cmpl" },
@@ -313,12 +320,13 @@ async fn respond(state: AppState, valid: Valid, chat: bool) -> Result<Response, 
     );
     let created = run::unix_now();
     if valid.stream {
-        let stream = sse_stream(job, id, created, chat, valid.include_usage, valid.logprobs);
-        return Ok(Sse::new(stream).into_response());
+        let stream = sse_stream(job, id, created, chat, valid.include_usage, logprobs);
+        return Ok((headers, Sse::new(stream)).into_response());
     }
     let done = run::collect(&mut job).await?;
     let f = &done.finished;
-    let logprobs = valid.logprobs.then(|| {
+    let routing = job.account(f);
+    let logprobs = logprobs.then(|| {
         json!({"content": done.tokens.iter().map(|t| token_logprob(&job, t)).collect::<Vec<_>>()})
     });
     let choice = if chat {
@@ -334,8 +342,9 @@ async fn respond(state: AppState, valid: Valid, chat: bool) -> Result<Response, 
         "choices": [choice],
         "usage": usage(f.prompt_tokens, f.generated_tokens),
         "timings": timings(&job, f),
+        "llmgenie": routing,
     });
-    Ok(Json(body).into_response())
+    Ok((headers, Json(body)).into_response())
 }
 
 /// The SSE events of a streamed completion, ending in `data: [DONE]`. Dropping the stream (the
@@ -382,8 +391,10 @@ fn sse_stream(
                     vec![chunk(&job.model, json!({"content": t.text}), None, lp)]
                 }
                 Some(Event::Done(f)) => {
-                    job.account(&f);
-                    let mut out = vec![chunk(&job.model, json!({}), Some(f.reason.as_str()), None)];
+                    let routing = job.account(&f);
+                    let mut last = chunk(&job.model, json!({}), Some(f.reason.as_str()), None);
+                    last["llmgenie"] = routing;
+                    let mut out = vec![last];
                     if include_usage {
                         let mut u = chunk(&job.model, json!({}), None, None);
                         u["choices"] = json!([]);
@@ -427,12 +438,13 @@ fn model_object(name: &str, created: u64) -> Value {
 /// `GET /v1/models`: every model a request may name.
 pub async fn list_models(State(state): State<AppState>) -> Json<Value> {
     let created = run::unix_now();
-    let data: Vec<Value> = state
+    let mut data: Vec<Value> = state
         .registry
         .available()
         .iter()
         .map(|(name, _)| model_object(name, created))
         .collect();
+    data.push(model_object("auto", created));
     Json(json!({"object": "list", "data": data}))
 }
 
@@ -441,6 +453,9 @@ pub async fn get_model(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, OpenAiError> {
+    if id == "auto" {
+        return Ok(Json(model_object("auto", run::unix_now())));
+    }
     let (name, _) = state.registry.resolve(&id)?;
     Ok(Json(model_object(&name, run::unix_now())))
 }

@@ -9,11 +9,12 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::error::{ApiError, ErrorKind};
+use super::routed::Decision;
 use super::AppState;
 use crate::chat::Message;
-use crate::engine::{Engine, Event, Finished, GenerateRequest, TokenEvent};
+use crate::engine::{Engine, Event, FinishReason, Finished, GenerateRequest, TokenEvent};
 use crate::registry::{KeepAlive, Lease};
-use crate::router::ledger::{Ledger, Route};
+use crate::router::ledger::{Ledger, Outcome, Route};
 use crate::sampler::SamplingParams;
 
 /// Most stop strings a request may give.
@@ -91,18 +92,25 @@ pub fn check_stop(param: &str, stop: Vec<String>) -> Result<Vec<String>, ApiErro
     Ok(stop)
 }
 
-/// A generation in flight.
+/// A generation in flight: local tokens, a replayed local answer, or Claude's text, all as
+/// engine events.
 pub struct Job {
+    /// The model named in responses.
     pub model: String,
     ledger: Arc<Ledger>,
-    pub engine: Arc<Engine>,
+    /// The local engine (`None` for Claude's answers, which have no token ids).
+    pub engine: Option<Arc<Engine>>,
     /// Holds the model in use until the job ends; then its keep-alive starts.
-    _lease: Lease,
+    _lease: Option<Lease>,
     pub events: UnboundedReceiver<Event>,
     pub prompt_tokens: usize,
     /// Time spent waiting for the model to load (zero when it was resident).
     pub load_time: Duration,
     pub started: Instant,
+    /// What routing did with the request.
+    pub decision: Decision,
+    /// What this request saved or spent, once accounted.
+    usd: Option<f64>,
 }
 
 /// Find (or load) the model, render and tokenize the prompt, check it against the context and
@@ -158,29 +166,80 @@ pub async fn start(state: &AppState, req: ValidGenerate) -> Result<Job, ApiError
     Ok(Job {
         model,
         ledger: state.ledger.clone(),
-        engine,
-        _lease: lease,
+        engine: Some(engine),
+        _lease: Some(lease),
         events,
         prompt_tokens,
         load_time,
         started,
+        decision: Decision::local(),
+        usd: None,
     })
 }
 
 impl Job {
-    /// Enter a finished answer in the ledger: served locally, it saved what Claude would have
-    /// charged for its tokens. (Task classes come with the router.)
-    pub fn account(&self, f: &Finished) {
-        self.ledger.record(
-            Route::Local,
-            "unclassified",
-            f.prompt_tokens as u64,
-            f.generated_tokens as u64,
-        );
+    /// A job whose events come from elsewhere (a replay, or Claude).
+    pub fn from_events(
+        state: &AppState,
+        model: String,
+        events: UnboundedReceiver<Event>,
+        decision: Decision,
+        started: Instant,
+    ) -> Self {
+        Self {
+            model,
+            ledger: state.ledger.clone(),
+            engine: None,
+            _lease: None,
+            events,
+            prompt_tokens: 0,
+            load_time: Duration::ZERO,
+            started,
+            decision,
+            usd: None,
+        }
+    }
+
+    /// Replace the events with a replay of a finished answer, keeping the engine (for token
+    /// texts) but releasing the model.
+    pub fn replay(mut self, done: &Completion, decision: Decision) -> Self {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        for t in &done.tokens {
+            let _ = tx.send(Event::Token(t.clone()));
+        }
+        let _ = tx.send(Event::Done(done.finished.clone()));
+        self.events = rx;
+        self._lease = None;
+        self.decision = decision;
+        self
+    }
+
+    /// Enter a finished answer in the ledger (once): served locally, it saved what Claude would
+    /// have charged for its tokens; answered by Claude, it spent what Claude charged. Returns
+    /// the routing object of the response body.
+    pub fn account(&mut self, f: &Finished) -> serde_json::Value {
+        let d = &self.decision;
+        let usd = *self.usd.get_or_insert_with(|| {
+            self.ledger.note(&Outcome {
+                validated: d.validated,
+                escalated: d.route == Route::Claude,
+                reasons: &d.reasons,
+                not_escalated: d.not_escalated,
+                degraded: d.degraded,
+            });
+            self.ledger.record(
+                d.route,
+                d.task.unwrap_or("unclassified"),
+                f.prompt_tokens as u64,
+                f.generated_tokens as u64,
+            )
+        });
+        d.body(usd)
     }
 }
 
 /// A whole answer.
+#[derive(Debug, Clone)]
 pub struct Completion {
     pub text: String,
     pub tokens: Vec<TokenEvent>,
@@ -192,32 +251,70 @@ pub struct Completion {
 /// # Errors
 /// The generation failed or the model thread stopped.
 pub async fn collect(job: &mut Job) -> Result<Completion, ApiError> {
+    collect_until(job, None).await.map(|(done, _)| done)
+}
+
+/// Wait for the whole answer, or until `deadline`: then the generation is stopped and the part
+/// generated so far is returned, ended by the token limit, with `true`.
+///
+/// # Errors
+/// The generation failed or the model thread stopped.
+pub async fn collect_until(
+    job: &mut Job,
+    deadline: Option<Instant>,
+) -> Result<(Completion, bool), ApiError> {
     let mut text = String::new();
-    let mut tokens = Vec::new();
-    while let Some(event) = job.events.recv().await {
-        match event {
-            Event::Token(t) => {
+    let mut tokens: Vec<TokenEvent> = Vec::new();
+    loop {
+        let next = match deadline {
+            Some(d) => match tokio::time::timeout_at(d.into(), job.events.recv()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    // Closing the receiver stops the generation before its next token.
+                    job.events.close();
+                    let finished = Finished {
+                        reason: FinishReason::Length,
+                        prompt_tokens: job.prompt_tokens,
+                        generated_tokens: tokens.len(),
+                        queue_time: Duration::ZERO,
+                        prompt_time: Duration::ZERO,
+                        generation_time: job.started.elapsed(),
+                    };
+                    let done = Completion {
+                        text,
+                        tokens,
+                        finished,
+                    };
+                    return Ok((done, true));
+                }
+            },
+            None => job.events.recv().await,
+        };
+        match next {
+            Some(Event::Token(t)) => {
                 text.push_str(&t.text);
                 tokens.push(t);
             }
-            Event::Done(finished) => {
-                job.account(&finished);
-                return Ok(Completion {
+            Some(Event::Done(finished)) => {
+                let done = Completion {
                     text,
                     tokens,
                     finished,
-                });
+                };
+                return Ok((done, false));
             }
-            Event::Error(e) => {
+            Some(Event::Error(e)) => {
                 tracing::error!(error = %e, "generation failed");
                 return Err(ApiError::new(ErrorKind::Internal, "generation failed"));
             }
+            None => {
+                return Err(ApiError::new(
+                    ErrorKind::Unavailable,
+                    "the model stopped before the answer was complete",
+                ))
+            }
         }
     }
-    Err(ApiError::new(
-        ErrorKind::Unavailable,
-        "the model stopped before the answer was complete",
-    ))
 }
 
 /// Seconds since the Unix epoch.

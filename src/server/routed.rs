@@ -1,0 +1,635 @@
+//! Routing requests: `auto` is classified and planned, local answers are validated before the
+//! client sees them and escalated to Claude when they fail; `claude-*` goes to Claude directly;
+//! any other model name is served locally as it is.
+//!
+//! Whatever happens, the request is answered: without an API key, with the circuit breaker
+//! open or when Claude fails after its retries, the local answer is returned and marked (not
+//! escalated, or degraded). One deadline covers local generation, validation and every Claude
+//! attempt.
+
+use std::time::Instant;
+
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::error::{ApiError, ErrorKind};
+use super::run::{self, Completion, Job, PromptInput, ValidGenerate};
+use super::AppState;
+use crate::claude::{
+    ClaudeClient, ClaudeConfig, ClaudeError, ClaudeMessage, MessagesRequest, StreamEvent,
+};
+use crate::engine::{Event, FinishReason, Finished, TokenEvent};
+use crate::router::classifier::{Classifier, ClassifierError};
+use crate::router::ledger::Route;
+use crate::router::policy::{PolicyError, RouterConfig, Target};
+use crate::router::validator::{self, Expectations, Thresholds};
+
+/// Errors of setting routing up.
+#[derive(Debug, thiserror::Error)]
+pub enum RoutingError {
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    #[error(transparent)]
+    Classifier(#[from] ClassifierError),
+    #[error(transparent)]
+    Claude(#[from] ClaudeError),
+}
+
+/// The router's parts, shared by every request.
+pub struct Routing {
+    pub config: RouterConfig,
+    pub classifier: Classifier,
+    pub claude: ClaudeClient,
+    thresholds: Thresholds,
+}
+
+impl Routing {
+    /// # Errors
+    /// The config is invalid, the classifier weights cannot be read, or the HTTP client
+    /// cannot be built.
+    pub fn new(config: RouterConfig, claude: ClaudeConfig) -> Result<Self, RoutingError> {
+        config.check()?;
+        let classifier = match &config.classifier_weights {
+            Some(p) => Classifier::load(p)?,
+            None => Classifier::builtin()?,
+        };
+        Ok(Self {
+            thresholds: config.validator.thresholds(),
+            classifier,
+            claude: ClaudeClient::new(claude)?,
+            config,
+        })
+    }
+
+    /// The Claude client settings of a config, with `ANTHROPIC_API_KEY` from the environment.
+    pub fn claude_config(config: &RouterConfig) -> ClaudeConfig {
+        ClaudeConfig {
+            base_url: config.claude_base_url.clone(),
+            max_retries: config.claude_retries,
+            timeout: config.deadline(),
+            ..ClaudeConfig::default()
+        }
+    }
+}
+
+/// What routing did with one request; it goes into headers, the response body and the ledger.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    /// Where the answer the client gets came from.
+    pub route: Route,
+    /// The request was routed (`auto`); otherwise it named its model.
+    pub routed: bool,
+    pub task: Option<&'static str>,
+    pub confidence: Option<f32>,
+    /// The local answer was validated before it was returned.
+    pub validated: bool,
+    /// Why the request was (to be) sent to Claude: validator reasons, `class_route`,
+    /// `low_classifier_confidence` or `requested`.
+    pub reasons: Vec<String>,
+    /// Why an escalation did not happen: `no_api_key`, `circuit_open`, `deadline`.
+    pub not_escalated: Option<&'static str>,
+    /// Claude failed, so the local answer was returned.
+    pub degraded: bool,
+    /// Claude's error, when it failed (never contains the key).
+    pub claude_error: Option<String>,
+}
+
+impl Decision {
+    /// A request that named a local model.
+    pub fn local() -> Self {
+        Self {
+            route: Route::Local,
+            routed: false,
+            task: None,
+            confidence: None,
+            validated: false,
+            reasons: Vec::new(),
+            not_escalated: None,
+            degraded: false,
+            claude_error: None,
+        }
+    }
+
+    fn route_name(&self) -> &'static str {
+        match self.route {
+            Route::Local => "local",
+            Route::Claude => "claude",
+        }
+    }
+
+    /// The `llmgenie` object of a response body; `usd` is what the request saved (local) or
+    /// spent (Claude).
+    pub fn body(&self, usd: f64) -> Value {
+        let (saved, spent) = match self.route {
+            Route::Local => (usd, 0.0),
+            Route::Claude => (0.0, usd),
+        };
+        json!({
+            "route": self.route_name(),
+            "routed": self.routed,
+            "task": self.task,
+            "confidence": self.confidence,
+            "validated": self.validated,
+            "escalated": self.route == Route::Claude,
+            "escalation_reason": (!self.reasons.is_empty()).then(|| self.reasons.join(",")),
+            "not_escalated": self.not_escalated,
+            "degraded": self.degraded,
+            "claude_error": self.claude_error,
+            "saved_usd": saved,
+            "spent_usd": spent,
+        })
+    }
+
+    /// `x-llmgenie-route`, `x-llmgenie-task`, `x-llmgenie-escalation-reason`, and
+    /// `x-llmgenie-degraded` / `x-llmgenie-not-escalated` when they apply.
+    pub fn headers(&self) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        let mut put = |name: &'static str, value: &str| {
+            if let Ok(v) = HeaderValue::from_str(value) {
+                h.insert(HeaderName::from_static(name), v);
+            }
+        };
+        put("x-llmgenie-route", self.route_name());
+        if let Some(task) = self.task {
+            put("x-llmgenie-task", task);
+        }
+        if !self.reasons.is_empty() {
+            put("x-llmgenie-escalation-reason", &self.reasons.join(","));
+        }
+        if let Some(why) = self.not_escalated {
+            put("x-llmgenie-not-escalated", why);
+        }
+        if self.degraded {
+            put("x-llmgenie-degraded", "true");
+        }
+        h
+    }
+}
+
+/// The text the classifier and the validator look at: the last user message, or the raw prompt.
+fn user_text(prompt: &PromptInput) -> String {
+    match prompt {
+        PromptInput::Raw(t) => t.clone(),
+        PromptInput::Chat(messages) => messages
+            .iter()
+            .rev()
+            .find(|m| m.role == "user")
+            .map(|m| m.content.clone())
+            .unwrap_or_default(),
+    }
+}
+
+/// The local model a request's model name stands for: the router's local model for `auto`
+/// and Claude's names, the name itself otherwise.
+pub fn local_name(state: &AppState, model: &str) -> String {
+    let m = model.trim();
+    let m = m.strip_suffix(":latest").unwrap_or(m);
+    let routing = &state.routing.config;
+    let routed = m == "auto" || m == "claude" || m.starts_with("claude-");
+    if routed || (m.is_empty() && routing.default_model == "auto") {
+        routing.local_model.clone().unwrap_or_default()
+    } else if m.is_empty() {
+        routing.default_model.clone()
+    } else {
+        m.to_string()
+    }
+}
+
+/// Answer a request as its model name says: `auto`, `claude-*`, or a local model.
+///
+/// # Errors
+/// As [`run::start`]; a `claude-*` model without an API key (503).
+pub async fn answer(
+    state: &AppState,
+    mut req: ValidGenerate,
+    stream: bool,
+) -> Result<Job, ApiError> {
+    let routing = state.routing.clone();
+    let requested = req.model.trim();
+    let requested = requested.strip_suffix(":latest").unwrap_or(requested);
+    let name = if requested.is_empty() {
+        routing.config.default_model.clone()
+    } else {
+        requested.to_string()
+    };
+    if name == "auto" {
+        return auto(state, req, stream).await;
+    }
+    if name == "claude" || name.starts_with("claude-") {
+        if !routing.claude.enabled() {
+            return Err(ApiError::new(
+                ErrorKind::Unavailable,
+                format!("model '{name}' needs Claude, and no Anthropic API key is configured (set ANTHROPIC_API_KEY)"),
+            ));
+        }
+        let model = if name == "claude" {
+            routing.config.claude_model.clone()
+        } else {
+            name
+        };
+        let decision = Decision {
+            reasons: vec!["requested".into()],
+            ..Decision::local()
+        };
+        let deadline = Instant::now() + routing.config.deadline();
+        return to_claude(state, req, &model, decision, deadline, stream, None).await;
+    }
+    req.model = name;
+    run::start(state, req).await
+}
+
+/// Classify, plan, and carry the plan out.
+async fn auto(state: &AppState, mut req: ValidGenerate, stream: bool) -> Result<Job, ApiError> {
+    let routing = state.routing.clone();
+    let started = Instant::now();
+    let deadline = started + routing.config.deadline();
+    let text = user_text(&req.prompt);
+    let plan = routing.config.plan(&routing.classifier.classify(&text));
+    let mut decision = Decision {
+        routed: true,
+        task: Some(plan.task),
+        confidence: Some(plan.confidence),
+        ..Decision::local()
+    };
+    let claude_model = routing.config.claude_model.clone();
+    let local_model = match &plan.target {
+        Target::Claude => {
+            let why = if plan.cautious {
+                "low_classifier_confidence"
+            } else {
+                "class_route"
+            };
+            decision.reasons.push(why.into());
+            return to_claude(state, req, &claude_model, decision, deadline, stream, None).await;
+        }
+        Target::Local(m) => m.clone().or_else(|| routing.config.local_model.clone()),
+    };
+    req.model = local_model.unwrap_or_default();
+    let json_requested = req.json;
+    let mut job = run::start(state, req.clone()).await?;
+    if stream && routing.config.stream_local_immediately {
+        job.decision = decision;
+        return Ok(job);
+    }
+    let (done, timed_out) = run::collect_until(&mut job, Some(deadline)).await?;
+    let expect = Expectations::for_task(&text, plan.task, json_requested);
+    let verdict = validator::validate(
+        &done.text,
+        &done.tokens.iter().map(|t| t.logprob).collect::<Vec<_>>(),
+        done.finished.reason == FinishReason::Length,
+        &expect,
+        &routing.thresholds,
+    );
+    decision.validated = true;
+    if verdict.accept() {
+        return Ok(job.replay(&done, decision));
+    }
+    decision.reasons = verdict
+        .reasons
+        .iter()
+        .map(|r| r.as_str().to_string())
+        .collect();
+    if timed_out {
+        decision.not_escalated = Some("deadline");
+        return Ok(job.replay(&done, decision));
+    }
+    to_claude(
+        state,
+        req,
+        &claude_model,
+        decision,
+        deadline,
+        stream,
+        Some((job, done)),
+    )
+    .await
+}
+
+/// Send the request to Claude; when that is not possible or fails, answer locally (with the
+/// local answer already made, if any) and say why.
+async fn to_claude(
+    state: &AppState,
+    req: ValidGenerate,
+    claude_model: &str,
+    mut decision: Decision,
+    deadline: Instant,
+    stream: bool,
+    local: Option<(Job, Completion)>,
+) -> Result<Job, ApiError> {
+    let routing = state.routing.clone();
+    let client = &routing.claude;
+    let skip = if !client.enabled() {
+        Some("no_api_key")
+    } else if client.circuit_open() {
+        Some("circuit_open")
+    } else {
+        None
+    };
+    if let Some(why) = skip {
+        decision.not_escalated = Some(why);
+        return local_answer(state, req, decision, local).await;
+    }
+    // The validator expects JSON from the extract class: ask Claude for it too.
+    let mut asked = req.clone();
+    asked.json |= decision.task == Some("extract");
+    let body = claude_request(&asked, claude_model, routing.config.claude_max_tokens);
+    let started = Instant::now();
+    let result = if stream {
+        claude_stream(client, &body, deadline, started).await
+    } else {
+        claude_whole(client, &body, deadline, started).await
+    };
+    match result {
+        Ok(events) => {
+            decision.route = Route::Claude;
+            Ok(Job::from_events(
+                state,
+                claude_model.to_string(),
+                events,
+                decision,
+                started,
+            ))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "Claude failed; answering locally (degraded)");
+            decision.degraded = true;
+            decision.claude_error = Some(e.to_string());
+            local_answer(state, req, decision, local).await
+        }
+    }
+}
+
+/// The local answer: the one already generated, or a new one (not validated: there is nothing
+/// left to escalate to).
+async fn local_answer(
+    state: &AppState,
+    mut req: ValidGenerate,
+    decision: Decision,
+    local: Option<(Job, Completion)>,
+) -> Result<Job, ApiError> {
+    if let Some((job, done)) = local {
+        return Ok(job.replay(&done, decision));
+    }
+    req.model = local_name(state, &req.model);
+    let mut job = run::start(state, req).await?;
+    job.decision = decision;
+    Ok(job)
+}
+
+type Events = tokio::sync::mpsc::UnboundedReceiver<Event>;
+
+fn text_event(text: String) -> Event {
+    Event::Token(TokenEvent {
+        id: 0,
+        text,
+        logprob: 0.0,
+        top: Vec::new(),
+    })
+}
+
+fn finished(
+    stop_reason: Option<&str>,
+    usage: crate::claude::Usage,
+    started: Instant,
+    first: Option<Instant>,
+) -> Finished {
+    let first = first.unwrap_or_else(Instant::now);
+    Finished {
+        reason: if stop_reason == Some("max_tokens") {
+            FinishReason::Length
+        } else {
+            FinishReason::Stop
+        },
+        prompt_tokens: usage.input_tokens as usize,
+        generated_tokens: usage.output_tokens as usize,
+        queue_time: std::time::Duration::ZERO,
+        prompt_time: first.saturating_duration_since(started),
+        generation_time: first.elapsed(),
+    }
+}
+
+/// A whole Claude answer as events.
+async fn claude_whole(
+    client: &ClaudeClient,
+    body: &MessagesRequest,
+    deadline: Instant,
+    started: Instant,
+) -> Result<Events, ClaudeError> {
+    let resp = client.create_until(body, deadline).await?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let _ = tx.send(text_event(resp.text));
+    let _ = tx.send(Event::Done(finished(
+        resp.stop_reason.as_deref(),
+        resp.usage,
+        started,
+        Some(Instant::now()),
+    )));
+    Ok(rx)
+}
+
+/// Claude's stream passed through as events. The first event is awaited here, so that a stream
+/// that fails before saying anything still falls back to the local answer; a failure after
+/// that ends the stream with an error event.
+async fn claude_stream(
+    client: &ClaudeClient,
+    body: &MessagesRequest,
+    deadline: Instant,
+    started: Instant,
+) -> Result<Events, ClaudeError> {
+    let mut s = Box::pin(client.stream_until(body, deadline).await?);
+    let first = match s.next().await {
+        Some(Ok(ev)) => ev,
+        Some(Err(e)) => return Err(e),
+        None => return Err(ClaudeError::Incomplete),
+    };
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let first_at = Instant::now();
+    let forward = move |tx: &UnboundedSender<Event>, ev: StreamEvent| -> bool {
+        let event = match ev {
+            StreamEvent::Text(t) => text_event(t),
+            StreamEvent::Done { stop_reason, usage } => Event::Done(finished(
+                stop_reason.as_deref(),
+                usage,
+                started,
+                Some(first_at),
+            )),
+        };
+        tx.send(event).is_ok()
+    };
+    if forward(&tx, first) {
+        tokio::spawn(async move {
+            while let Some(item) = s.next().await {
+                let ok = match item {
+                    Ok(ev) => forward(&tx, ev),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "Claude stream failed mid-answer");
+                        let _ = tx.send(Event::Error(format!("Claude stream failed: {e}")));
+                        false
+                    }
+                };
+                // The client left: dropping the stream closes Claude's connection.
+                if !ok {
+                    break;
+                }
+            }
+        });
+    }
+    Ok(rx)
+}
+
+/// The request in the Messages API's shape: system messages joined into `system`, turns of the
+/// same role merged (the API wants them alternating, starting with the user), empty ones dropped.
+pub fn claude_request(req: &ValidGenerate, model: &str, default_max: u32) -> MessagesRequest {
+    let mut system: Vec<String> = Vec::new();
+    let mut messages: Vec<ClaudeMessage> = Vec::new();
+    let turns: Vec<(String, String)> = match &req.prompt {
+        PromptInput::Raw(t) => vec![("user".into(), t.clone())],
+        PromptInput::Chat(ms) => ms
+            .iter()
+            .map(|m| (m.role.clone(), m.content.clone()))
+            .collect(),
+    };
+    for (role, content) in turns {
+        if content.trim().is_empty() {
+            continue;
+        }
+        let role = match role.as_str() {
+            "system" => {
+                system.push(content);
+                continue;
+            }
+            "assistant" => "assistant",
+            _ => "user",
+        };
+        match messages.last_mut() {
+            Some(last) if last.role == role => {
+                last.content.push_str("\n\n");
+                last.content.push_str(&content);
+            }
+            _ => messages.push(ClaudeMessage {
+                role: role.into(),
+                content,
+            }),
+        }
+    }
+    if messages.first().is_none_or(|m| m.role != "user") {
+        let opening = if messages.is_empty() {
+            system.pop().unwrap_or_else(|| "Hello.".into())
+        } else {
+            "(The conversation so far follows.)".into()
+        };
+        messages.insert(
+            0,
+            ClaudeMessage {
+                role: "user".into(),
+                content: opening,
+            },
+        );
+    }
+    if req.json {
+        system.push("Answer with a single JSON object and nothing else.".into());
+    }
+    let max_tokens = req
+        .max_tokens
+        .map_or(default_max, |m| u32::try_from(m).unwrap_or(u32::MAX))
+        .max(1);
+    MessagesRequest {
+        model: model.to_string(),
+        max_tokens,
+        messages,
+        system: (!system.is_empty()).then(|| system.join("\n\n")),
+        temperature: Some(req.params.temperature.clamp(0.0, 1.0)),
+        stop_sequences: req
+            .stop
+            .iter()
+            .filter(|s| !s.trim().is_empty())
+            .cloned()
+            .collect(),
+        stream: false,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::chat::Message;
+    use crate::sampler::SamplingParams;
+
+    fn msg(role: &str, content: &str) -> Message {
+        Message {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+
+    fn req(prompt: PromptInput) -> ValidGenerate {
+        ValidGenerate {
+            model: "auto".into(),
+            prompt,
+            params: SamplingParams {
+                temperature: 1.7,
+                ..SamplingParams::default()
+            },
+            max_tokens: None,
+            stop: vec!["END".into(), " ".into()],
+            keep_alive: None,
+            json: true,
+        }
+    }
+
+    #[test]
+    fn chats_become_alternating_messages_with_a_system_prompt() {
+        let r = claude_request(
+            &req(PromptInput::Chat(vec![
+                msg("system", "Be brief."),
+                msg("user", "Hi"),
+                msg("user", "Name a colour"),
+                msg("assistant", ""),
+                msg("tool", "blue"),
+            ])),
+            "claude-x",
+            300,
+        );
+        assert_eq!(r.model, "claude-x");
+        assert_eq!(r.max_tokens, 300);
+        assert_eq!(r.temperature, Some(1.0));
+        assert_eq!(r.stop_sequences, vec!["END".to_string()]);
+        assert_eq!(r.messages.len(), 1);
+        assert_eq!(r.messages[0].content, "Hi\n\nName a colour\n\nblue");
+        let system = r.system.unwrap();
+        assert!(system.starts_with("Be brief.") && system.contains("JSON"));
+
+        let r = claude_request(
+            &req(PromptInput::Chat(vec![msg("assistant", "Hello!")])),
+            "c",
+            5,
+        );
+        assert_eq!(r.messages[0].role, "user");
+        assert_eq!(r.messages[1].role, "assistant");
+    }
+
+    #[test]
+    fn decisions_render_headers_and_a_body_object() {
+        let d = Decision {
+            routed: true,
+            task: Some("extract"),
+            confidence: Some(0.9),
+            validated: true,
+            reasons: vec!["invalid_json".into(), "truncated".into()],
+            route: Route::Claude,
+            ..Decision::local()
+        };
+        let h = d.headers();
+        assert_eq!(h["x-llmgenie-route"], "claude");
+        assert_eq!(h["x-llmgenie-task"], "extract");
+        assert_eq!(h["x-llmgenie-escalation-reason"], "invalid_json,truncated");
+        let b = d.body(0.25);
+        assert_eq!(b["escalated"], true);
+        assert_eq!(b["spent_usd"], 0.25);
+        assert_eq!(b["saved_usd"], 0.0);
+        assert!(Decision::local().headers().get("x-llmgenie-task").is_none());
+    }
+}
