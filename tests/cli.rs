@@ -302,11 +302,44 @@ fn the_shipped_classifier_is_accurate_on_held_out_prompts_and_retrains_identical
         w.to_str().unwrap(),
     ]));
     assert_eq!(again["accuracy"], shipped["accuracy"]);
+    assert_eq!(
+        std::fs::read(&w).unwrap(),
+        std::fs::read(root().join("models/classifier/weights.bin")).unwrap(),
+        "the shipped weights are what the shipped data trains"
+    );
+    // Temperature scaling keeps the confidences honest on prompts never seen.
+    assert!(
+        shipped["calibration_error"].as_f64().unwrap() < 0.08,
+        "{shipped}"
+    );
     let out = llmgenie(&["classify", "Translate 'thank you' into Japanese"]);
     let v: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
     assert_eq!(v["task"], "translate");
     assert!(v["confidence"].as_f64().unwrap() > 0.5);
     let out = llmgenie(&["eval", "classifier", "--data", "Cargo.toml"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("Cargo.toml:1"), "{}", stderr(&out));
+}
+
+#[test]
+fn the_validator_is_measured_on_the_local_models_labelled_answers() {
+    let out = llmgenie(&["eval", "validator"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let last: serde_json::Value =
+        serde_json::from_str(text.trim().lines().last().unwrap()).unwrap();
+    assert_eq!(last["n"], 240);
+    assert!(last["precision"].as_f64().unwrap() >= 0.7, "{last}");
+    assert!(last["recall"].as_f64().unwrap() >= 0.55, "{last}");
+    for reason in [
+        "invalid_json",
+        "truncated",
+        "wrong_arithmetic",
+        "ungrounded",
+    ] {
+        assert!(text.contains(reason), "{reason} never fired:\n{text}");
+    }
+    let out = llmgenie(&["eval", "validator", "--data", "Cargo.toml"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("Cargo.toml:1"), "{}", stderr(&out));
 }

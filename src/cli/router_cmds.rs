@@ -79,6 +79,21 @@ fn eval_validator(data: &Path) -> Result<()> {
         println!("{reason:<16} {n:>6}");
     }
     println!(
+        "\n{:<10} {:>4} {:>11} {:>10} {:>15}",
+        "class", "n", "acceptable", "escalated", "kept and good"
+    );
+    for (task, [tp, fp, fn_, tn]) in &e.by_task {
+        let n = tp + fp + fn_ + tn;
+        let kept = fn_ + tn;
+        let ratio = |a: usize, b: usize| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+        println!(
+            "{task:<10} {n:>4} {:>11.2} {:>10.2} {:>15.2}",
+            ratio(fp + tn, n),
+            ratio(tp + fp, n),
+            ratio(*tn, kept)
+        );
+    }
+    println!(
         "\nescalate: {} true positives, {} false positives, {} false negatives, {} true negatives",
         e.tp, e.fp, e.fn_, e.tn
     );

@@ -59,7 +59,8 @@ pub struct Prediction {
 
 /// The trained model.
 pub struct Classifier {
-    /// `CLASSES.len() * BUCKETS` weights, class-major.
+    /// `BUCKETS * CLASSES.len()` weights, bucket-major in memory (one feature's weights for all
+    /// classes share a cache line); class-major in the file.
     weights: Vec<f32>,
     bias: [f32; CLASSES.len()],
     /// Softmax temperature fitted on held-out folds, so that confidences are calibrated.
@@ -70,48 +71,87 @@ pub struct Classifier {
 /// copied binary routes without the repository.
 static BUILTIN: &[u8] = include_bytes!("../../models/classifier/weights.bin");
 
-fn fnv1a(parts: &[&[u8]]) -> usize {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for p in parts {
-        for &b in *p {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-        h ^= 0xff;
-        h = h.wrapping_mul(0x0100_0000_01b3);
+/// How much of a long prompt is read: its head and its tail (the instruction is usually at one
+/// end of a pasted document), so that classifying costs the same for any length.
+const HEAD_CHARS: usize = 1024;
+const TAIL_CHARS: usize = 512;
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0100_0000_01b3;
+
+fn fnv_bytes(mut h: u64, bytes: &[u8]) -> u64 {
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(FNV_PRIME);
     }
-    (h as usize) % BUCKETS
+    h
+}
+
+/// The hash state after a tag part (`w` words, `b` word pairs, `c` character n-grams).
+fn seed(tag: &[u8]) -> u64 {
+    (fnv_bytes(FNV_OFFSET, tag) ^ 0xff).wrapping_mul(FNV_PRIME)
+}
+
+/// The bucket of a hash that ends a part.
+fn bucket(h: u64) -> usize {
+    ((h ^ 0xff).wrapping_mul(FNV_PRIME) as usize) % BUCKETS
+}
+
+/// The part of a prompt that is classified.
+fn excerpt(text: &str) -> std::borrow::Cow<'_, str> {
+    let n = text.chars().count();
+    if n <= HEAD_CHARS + TAIL_CHARS {
+        return text.into();
+    }
+    let head: String = text.chars().take(HEAD_CHARS).collect();
+    let tail: String = text.chars().skip(n - TAIL_CHARS).collect();
+    format!("{head}\n{tail}").into()
 }
 
 /// Sparse, L2-normalised feature vector of a prompt: (bucket, value), buckets unique.
 pub fn features(text: &str) -> Vec<(usize, f32)> {
-    let lower = text.to_lowercase();
-    let words: Vec<&str> = lower
-        .split(|c: char| c.is_whitespace())
-        .filter(|w| !w.is_empty())
-        .collect();
-    let mut counts: std::collections::HashMap<usize, f32> = std::collections::HashMap::new();
+    let lower = excerpt(text).to_lowercase();
+    let words: Vec<&str> = lower.split_whitespace().collect();
+    let mut raw: Vec<(usize, f32)> = Vec::with_capacity(words.len() * 16);
+    let word_seed = seed(b"w");
+    let pair_seed = seed(b"b");
+    let char_seed = seed(b"c");
+    let mut chars: Vec<char> = Vec::new();
+    let mut buf = [0u8; 4];
     for (i, w) in words.iter().enumerate() {
-        *counts.entry(fnv1a(&[b"w", w.as_bytes()])).or_default() += 1.0;
+        raw.push((bucket(fnv_bytes(word_seed, w.as_bytes())), 1.0));
         if let Some(next) = words.get(i + 1) {
-            *counts
-                .entry(fnv1a(&[b"b", w.as_bytes(), next.as_bytes()]))
-                .or_default() += 1.0;
+            let h = fnv_bytes(pair_seed, w.as_bytes());
+            let h = fnv_bytes((h ^ 0xff).wrapping_mul(FNV_PRIME), next.as_bytes());
+            raw.push((bucket(h), 1.0));
         }
-        let chars: Vec<char> = std::iter::once('^')
-            .chain(w.chars())
-            .chain(std::iter::once('$'))
-            .collect();
-        for n in 3..=5 {
-            for g in chars.windows(n) {
-                let s: String = g.iter().collect();
-                *counts.entry(fnv1a(&[b"c", s.as_bytes()])).or_default() += 0.5;
+        chars.clear();
+        chars.push('^');
+        chars.extend(w.chars());
+        chars.push('$');
+        // Character 3- to 5-grams: one running hash per start, emitted at each length.
+        for start in 0..chars.len() {
+            let mut h = char_seed;
+            for (len, c) in chars[start..].iter().take(5).enumerate() {
+                h = fnv_bytes(h, c.encode_utf8(&mut buf).as_bytes());
+                if len >= 2 {
+                    raw.push((bucket(h), 0.5));
+                }
             }
         }
     }
-    let norm = counts.values().map(|v| v * v).sum::<f32>().sqrt().max(1e-6);
-    let mut out: Vec<(usize, f32)> = counts.into_iter().map(|(k, v)| (k, v / norm)).collect();
-    out.sort_unstable_by_key(|(k, _)| *k);
+    raw.sort_unstable_by_key(|(k, _)| *k);
+    let mut out: Vec<(usize, f32)> = Vec::with_capacity(raw.len());
+    for (k, v) in raw {
+        match out.last_mut() {
+            Some((last, acc)) if *last == k => *acc += v,
+            _ => out.push((k, v)),
+        }
+    }
+    let norm = out.iter().map(|(_, v)| v * v).sum::<f32>().sqrt().max(1e-6);
+    for (_, v) in &mut out {
+        *v /= norm;
+    }
     out
 }
 
@@ -166,10 +206,13 @@ pub fn read_examples(path: &Path) -> Result<Vec<Example>, ClassifierError> {
 
 impl Classifier {
     fn logits(&self, feats: &[(usize, f32)]) -> [f32; CLASSES.len()] {
+        const K: usize = CLASSES.len();
         let mut z = self.bias;
-        for (c, zc) in z.iter_mut().enumerate() {
-            let row = &self.weights[c * BUCKETS..(c + 1) * BUCKETS];
-            *zc += feats.iter().map(|&(k, v)| row[k] * v).sum::<f32>();
+        for &(k, v) in feats {
+            let w = &self.weights[k * K..(k + 1) * K];
+            for (zc, wc) in z.iter_mut().zip(w) {
+                *zc += wc * v;
+            }
         }
         z
     }
@@ -287,9 +330,9 @@ impl Classifier {
                 for (c, pc) in p.iter().enumerate() {
                     let g = pc - if c == *y { 1.0 } else { 0.0 };
                     model.bias[c] -= lr * g;
-                    let row = &mut model.weights[c * BUCKETS..(c + 1) * BUCKETS];
                     for &(k, v) in x {
-                        row[k] -= lr * (g * v + l2 * row[k]);
+                        let w = &mut model.weights[k * CLASSES.len() + c];
+                        *w -= lr * (g * v + l2 * *w);
                     }
                 }
             }
@@ -303,9 +346,10 @@ impl Classifier {
     /// The file cannot be written.
     pub fn save(&self, path: &Path) -> Result<(), ClassifierError> {
         let mut bytes = Vec::with_capacity((self.weights.len() + CLASSES.len() + 1) * 4);
-        for v in self
-            .weights
-            .iter()
+        let class_major = (0..CLASSES.len())
+            .flat_map(|c| (0..BUCKETS).map(move |k| k * CLASSES.len() + c))
+            .map(|i| &self.weights[i]);
+        for v in class_major
             .chain(self.bias.iter())
             .chain(std::iter::once(&self.temperature))
         {
@@ -351,7 +395,9 @@ impl Classifier {
         let mut bias = [0.0; CLASSES.len()];
         bias.copy_from_slice(&floats[n..n + CLASSES.len()]);
         Ok(Self {
-            weights: floats[..n].to_vec(),
+            weights: (0..n)
+                .map(|i| floats[(i % CLASSES.len()) * BUCKETS + i / CLASSES.len()])
+                .collect(),
             bias,
             temperature,
         })

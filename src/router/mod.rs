@@ -2,6 +2,7 @@
 //! savings ledger. The server's side of it (running the plan, escalating to Claude) is in
 //! `server::routed`.
 
+pub mod checks;
 pub mod classifier;
 pub mod ledger;
 pub mod policy;

@@ -2,13 +2,16 @@
 //!
 //! Each check is cheap and explainable: empty or near-empty answers, answers cut off by the token
 //! limit, repetition loops, unwarranted refusals, invalid JSON where JSON was asked, no code where
-//! code was asked, low model confidence from the token log-probabilities, and an answer in another
-//! writing system than the question.
+//! code was asked, low model confidence from the token log-probabilities, an answer in another
+//! writing system than the question, extracted values that are not in the source text, and
+//! simple arithmetic answered wrongly (recomputed from the question).
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
+
+use super::checks;
 
 /// Why an answer is escalated; `as_str` is the stable label used in headers and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -19,6 +22,8 @@ pub enum Reason {
     Repetition,
     Refusal,
     InvalidJson,
+    Ungrounded,
+    WrongArithmetic,
     NoCode,
     LowConfidence,
     WrongLanguage,
@@ -32,6 +37,8 @@ impl Reason {
             Self::Repetition => "repetition",
             Self::Refusal => "refusal",
             Self::InvalidJson => "invalid_json",
+            Self::Ungrounded => "ungrounded",
+            Self::WrongArithmetic => "wrong_arithmetic",
             Self::NoCode => "no_code",
             Self::LowConfidence => "low_confidence",
             Self::WrongLanguage => "wrong_language",
@@ -63,6 +70,10 @@ pub struct Expectations {
     pub json: bool,
     /// Code was asked for (the code class).
     pub code: bool,
+    /// Data was to be extracted from the prompt (the extract class): values must come from it.
+    pub extract: bool,
+    /// A math question: a simple arithmetic one is recomputed and checked.
+    pub math: bool,
 }
 
 impl Expectations {
@@ -73,6 +84,8 @@ impl Expectations {
             prompt: prompt.to_string(),
             json: json_requested || task == "extract",
             code: task == "code",
+            extract: task == "extract",
+            math: task == "math",
         }
     }
 }
@@ -95,7 +108,7 @@ impl Default for Thresholds {
     fn default() -> Self {
         Self {
             min_chars: 2,
-            min_mean_logprob: -2.5,
+            min_mean_logprob: -1.0,
             min_token_logprob: -12.0,
             repeat_ngram: 4,
             repeat_count: 4,
@@ -141,8 +154,19 @@ pub fn validate(
     if REFUSALS.iter().any(|r| lower.contains(r)) {
         reasons.push(Reason::Refusal);
     }
-    if expect.json && !is_json(trimmed) {
-        reasons.push(Reason::InvalidJson);
+    match json_value(trimmed) {
+        None if expect.json => reasons.push(Reason::InvalidJson),
+        Some(v) if expect.extract && !checks::grounded(&v, &expect.prompt) => {
+            reasons.push(Reason::Ungrounded);
+        }
+        _ => {}
+    }
+    if expect.math {
+        if let Some(v) = checks::arithmetic(&expect.prompt) {
+            if !checks::states(trimmed, v) {
+                reasons.push(Reason::WrongArithmetic);
+            }
+        }
     }
     if expect.code && !looks_like_code(trimmed) {
         reasons.push(Reason::NoCode);
@@ -158,7 +182,8 @@ pub fn validate(
     {
         reasons.push(Reason::LowConfidence);
     }
-    if !trimmed.is_empty() && script(&expect.prompt) != script(trimmed) {
+    let answer_script = script(trimmed);
+    if answer_script != "none" && script(&expect.prompt) != answer_script {
         reasons.push(Reason::WrongLanguage);
     }
     reasons.dedup();
@@ -193,10 +218,10 @@ fn repeats(text: &str, n: usize, count: usize) -> bool {
     false
 }
 
-/// The answer parses as JSON, alone or in one fenced block.
-fn is_json(text: &str) -> bool {
+/// The answer as JSON, alone or in one fenced block.
+fn json_value(text: &str) -> Option<serde_json::Value> {
     let body = fenced(text).unwrap_or(text);
-    serde_json::from_str::<serde_json::Value>(body.trim()).is_ok()
+    serde_json::from_str(body.trim()).ok()
 }
 
 /// The content of the first ``` fence, if any.
@@ -335,6 +360,8 @@ pub struct Evaluation {
     pub accuracy: f64,
     /// How often each reason fired.
     pub fired: BTreeMap<&'static str, usize>,
+    /// Per task class: `[tp, fp, fn, tn]`.
+    pub by_task: BTreeMap<String, [usize; 4]>,
 }
 
 /// Judge every labelled answer with the default thresholds; `classify` names a prompt's task
@@ -349,12 +376,19 @@ pub fn evaluate(lines: &[Labelled], classify: &dyn Fn(&str) -> &'static str) -> 
         for r in &v.reasons {
             *e.fired.entry(r.as_str()).or_default() += 1;
         }
-        match (!v.accept(), l.acceptable) {
-            (true, false) => e.tp += 1,
-            (true, true) => e.fp += 1,
-            (false, false) => e.fn_ += 1,
-            (false, true) => e.tn += 1,
-        }
+        let cell = match (!v.accept(), l.acceptable) {
+            (true, false) => 0,
+            (true, true) => 1,
+            (false, false) => 2,
+            (false, true) => 3,
+        };
+        e.by_task.entry(task).or_default()[cell] += 1;
+    }
+    for c in e.by_task.values() {
+        e.tp += c[0];
+        e.fp += c[1];
+        e.fn_ += c[2];
+        e.tn += c[3];
     }
     e.n = lines.len();
     let ratio = |a: usize, b: usize| if b == 0 { 0.0 } else { a as f64 / b as f64 };
@@ -409,6 +443,16 @@ mod tests {
         };
         assert!(judge("{\"name\": \"Bob\"", json.clone()).contains(&Reason::InvalidJson));
         assert!(judge("```json\n{\"name\": \"Bob\"}\n```", json).is_empty());
+        let extract =
+            Expectations::for_task("Bob Smith is 30. Extract name and age.", "extract", false);
+        assert!(judge("{\"name\": \"Bob Smith\", \"age\": 30}", extract.clone()).is_empty());
+        assert_eq!(
+            judge("{\"name\": \"Bob Jones\", \"age\": 30}", extract),
+            vec![Reason::Ungrounded]
+        );
+        let math = Expectations::for_task("What is 17 * 23?", "math", false);
+        assert!(judge("17 * 23 = 391", math.clone()).is_empty());
+        assert_eq!(judge("17 * 23 = 392", math), vec![Reason::WrongArithmetic]);
         let code = Expectations {
             code: true,
             ..prompt("Write a function")
@@ -458,9 +502,12 @@ mod tests {
             line("not json", true),
         ];
         let e = evaluate(&lines, &|_| "qa");
-        assert_eq!((e.tp, e.fp, e.fn_, e.tn), (1, 1, 1, 1));
-        assert!((e.precision - 0.5).abs() < 1e-9 && (e.recall - 0.5).abs() < 1e-9);
+        // "Alice" is not in the prompt: ungrounded, caught; "not json" is a false alarm.
+        assert_eq!((e.tp, e.fp, e.fn_, e.tn), (2, 1, 0, 1));
+        assert!((e.precision - 2.0 / 3.0).abs() < 1e-9 && (e.recall - 1.0).abs() < 1e-9);
         assert_eq!(e.fired["invalid_json"], 2);
+        assert_eq!(e.fired["ungrounded"], 1);
+        assert_eq!(e.by_task["extract"], [2, 1, 0, 1]);
     }
 
     #[test]
