@@ -183,6 +183,16 @@ fn config_file_feeds_flags_and_rejects_unknown_keys_and_secrets() {
         ("typo.toml", "prot = 1\n", "unknown key 'prot'"),
         ("secret.toml", "api_key = \"x\"\n", "LLMGENIE_API_KEY"),
         ("broken.toml", "port = \n", "not valid TOML"),
+        (
+            "class.toml",
+            "[router.routes.poetry]\nroute = \"local\"\n",
+            "unknown task class 'poetry'",
+        ),
+        (
+            "field.toml",
+            "[router]\nconfidence = 0.3\n",
+            "unknown field",
+        ),
     ] {
         let p = dir.path().join(name);
         std::fs::write(&p, text).unwrap();

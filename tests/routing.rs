@@ -365,16 +365,27 @@ fn a_claude_stream_that_fails_before_its_text_degrades_and_after_it_ends_in_an_e
     let (fake, _rt) = fake_claude::start(vec![Reply::Sse(opening_only), Reply::Sse(failing)]);
     let srv = routed_server(&fake, |c| c.claude_retries = 0);
     // Cut before any text: nothing reached the client yet, so the local answer is streamed.
-    let r = post(srv.addr, "/v1/chat/completions", chat(GOOD_EXTRACT, 6, true));
+    let r = post(
+        srv.addr,
+        "/v1/chat/completions",
+        chat(GOOD_EXTRACT, 6, true),
+    );
     assert_eq!(header(&r.headers, "x-llmgenie-route"), Some("local"));
     assert_eq!(header(&r.headers, "x-llmgenie-degraded"), Some("true"));
     let objects = sse_objects(&r.body);
     assert!(!streamed_text(&objects).is_empty());
     // An error after text: the text already sent stands, and the stream ends with an error.
-    let r = post(srv.addr, "/v1/chat/completions", chat(GOOD_EXTRACT, 6, true));
+    let r = post(
+        srv.addr,
+        "/v1/chat/completions",
+        chat(GOOD_EXTRACT, 6, true),
+    );
     assert_eq!(header(&r.headers, "x-llmgenie-route"), Some("claude"));
     let objects = sse_objects(&r.body);
     assert_eq!(streamed_text(&objects), "Half an ans");
-    assert!(objects.last().unwrap().get("error").is_some(), "{objects:?}");
+    assert!(
+        objects.last().unwrap().get("error").is_some(),
+        "{objects:?}"
+    );
     assert!(r.body.trim_end().ends_with("data: [DONE]"));
 }
