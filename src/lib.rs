@@ -34,6 +34,7 @@ pub mod engine;
 pub mod gguf;
 pub mod json_mode;
 pub mod model;
+pub mod observe;
 pub mod pull;
 pub mod registry;
 pub mod router;

@@ -13,7 +13,8 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     let args = cli::Cli::parse();
-    cli::init_logging(args.verbose);
+    let serving = matches!(args.command, cli::Command::Serve(_));
+    cli::init_logging(args.verbose, args.log_format, serving);
     match cli::dispatch(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

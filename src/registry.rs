@@ -15,6 +15,7 @@
 //! Shared state is a short `std::sync::Mutex` around a plain map: it is never held across an
 //! `.await` (waiting happens on a `watch` channel taken out of the map).
 
+use crate::observe::names;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -359,6 +360,8 @@ impl Registry {
                 });
             };
             tracing::info!(model = %victim, reason = "eviction", "unloading model");
+            metrics::counter!(names::MODEL_UNLOADS, "model" => victim.clone(), "reason" => "evicted")
+                .increment(1);
             if let Some(Slot::Ready(r)) = slots.remove(&victim) {
                 evicted.push(r.engine);
             }
@@ -382,6 +385,10 @@ impl Registry {
                 match &result {
                     Ok(engine) => {
                         tracing::info!(model = %name, load_s = started.elapsed().as_secs_f64(), "model loaded");
+                        metrics::histogram!(names::MODEL_LOAD_DURATION, "model" => name.clone())
+                            .record(started.elapsed().as_secs_f64());
+                        metrics::counter!(names::MODEL_LOADS, "model" => name.clone(), "outcome" => "ok")
+                            .increment(1);
                         let expires = registry.default_keep_alive(&name).deadline(Instant::now());
                         slots.insert(
                             name.clone(),
@@ -394,6 +401,8 @@ impl Registry {
                     }
                     Err(e) => {
                         tracing::error!(model = %name, error = %e, "model failed to load");
+                        metrics::counter!(names::MODEL_LOADS, "model" => name.clone(), "outcome" => "error")
+                            .increment(1);
                         slots.remove(&name);
                     }
                 }
@@ -476,6 +485,8 @@ impl Registry {
             for name in expired {
                 if let Some(Slot::Ready(r)) = slots.remove(&name) {
                     tracing::info!(model = %name, reason = "keep-alive expired", "unloading model");
+                    metrics::counter!(names::MODEL_UNLOADS, "model" => name.clone(), "reason" => "expired")
+                        .increment(1);
                     engines.push(r.engine);
                     gone.push(name);
                 }

@@ -257,7 +257,7 @@ fn serve_finishes_in_flight_streams_on_sigterm_then_exits() {
     let (mut child, port) = spawn_serve(&["--model", "smollm2-135m", "--shutdown-grace", "300"]);
     let mut s = start_stream(
         port,
-        r#"{"messages":[{"role":"user","content":"Write a long story about a dragon who learns to paint."}],"max_tokens":60,"temperature":0,"stream":true}"#,
+        r#"{"model":"smollm2-135m","messages":[{"role":"user","content":"Write a long story about a dragon who learns to paint."}],"max_tokens":60,"temperature":0,"stream":true}"#,
     );
     sigterm(&child);
     // The stream already accepted runs to its end.
@@ -277,7 +277,7 @@ fn serve_stops_after_the_grace_period_even_with_a_stream_running() {
     let (mut child, port) = spawn_serve(&["--shutdown-grace", "1"]);
     let _s = start_stream(
         port,
-        r#"{"messages":[{"role":"user","content":"Write a long story."}],"max_tokens":5000,"stream":true}"#,
+        r#"{"model":"smollm2-135m","messages":[{"role":"user","content":"Write a long story."}],"max_tokens":5000,"stream":true}"#,
     );
     let signalled = std::time::Instant::now();
     sigterm(&child);

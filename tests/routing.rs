@@ -10,8 +10,8 @@ use llmgenie::server::routed::Routing;
 use llmgenie::server::Limits;
 use serde_json::{json, Value};
 
-use crate::server::{http, post, TestServer};
 use crate::util::fake_claude::{self, message_json, stream_events, Fake, Reply};
+use crate::util::http::{http, post, TestServer};
 
 /// A server whose router escalates to `fake` (one retry, short backoffs, breaker after 3).
 fn routed_server(fake: &Fake, tweak: impl FnOnce(&mut RouterConfig)) -> TestServer {

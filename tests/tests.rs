@@ -9,6 +9,7 @@ mod cli;
 mod clients;
 mod engine;
 mod loader;
+mod monitoring;
 mod reference;
 mod routing;
 mod server;

@@ -282,20 +282,30 @@ impl ClaudeClient {
                 req = req.timeout(self.cfg.timeout.min(left));
             }
             let (err, retry_after) = match req.send().await {
-                Ok(resp) if resp.status().is_success() => return Ok((resp, attempt + 1)),
+                Ok(resp) if resp.status().is_success() => {
+                    attempted("ok", resp.status().as_str());
+                    return Ok((resp, attempt + 1));
+                }
                 Ok(resp) => {
                     let retry_after = retry_after(resp.headers());
                     (api_error(resp).await, retry_after)
                 }
                 Err(e) => (ClaudeError::Transport(e.to_string()), None),
             };
+            let status = match &err {
+                ClaudeError::Api { status, .. } => status.to_string(),
+                _ => "transport".to_string(),
+            };
             if !err.retryable() || attempt >= self.cfg.max_retries {
+                attempted("failed", &status);
                 return Err(err);
             }
             let wait = self.backoff(attempt, retry_after);
             if std::time::Instant::now() + wait >= deadline {
+                attempted("failed", &status);
                 return Err(err);
             }
+            attempted("retried", &status);
             tracing::warn!(error = %err, attempt = attempt + 1, wait_ms = wait.as_millis() as u64, "Claude request failed; retrying");
             tokio::time::sleep(wait).await;
             attempt += 1;
@@ -477,6 +487,12 @@ impl StreamState {
             _ => Ok(None),
         }
     }
+}
+
+/// Count one attempt: `ok`, `retried` or `failed`, with its HTTP status (or `transport`).
+fn attempted(outcome: &'static str, status: &str) {
+    metrics::counter!(crate::observe::names::CLAUDE_ATTEMPTS, "outcome" => outcome, "status" => status.to_string())
+        .increment(1);
 }
 
 /// `retry-after-ms` (milliseconds) or `retry-after` (seconds).

@@ -29,6 +29,21 @@ pub struct Cli {
     /// A TOML file of settings (keys named as the flags); flags and LLMGENIE_* variables win.
     #[arg(long, global = true, env = "LLMGENIE_CONFIG")]
     pub config: Option<std::path::PathBuf>,
+    /// Log lines as `text` or `json` (one object per line); levels come from RUST_LOG.
+    #[arg(
+        long,
+        global = true,
+        env = "LLMGENIE_LOG_FORMAT",
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -166,6 +181,12 @@ pub struct ServeArgs {
     /// never an escalation mid-stream.
     #[arg(long, env = "LLMGENIE_STREAM_LOCAL_IMMEDIATELY")]
     pub stream_local_immediately: bool,
+    /// Also serve `GET /metrics` on this address (e.g. 127.0.0.1:9464), without the API key.
+    #[arg(long, env = "LLMGENIE_METRICS_ADDR")]
+    pub metrics_addr: Option<String>,
+    /// Put the user's prompt text in the per-request log lines (off: prompts stay private).
+    #[arg(long, env = "LLMGENIE_LOG_PROMPTS")]
+    pub log_prompts: bool,
 }
 
 /// Which model and where it runs.
@@ -272,17 +293,26 @@ pub struct BenchArgs {
 }
 
 /// Logs go to stderr; `RUST_LOG` overrides the level.
-pub fn init_logging(verbose: bool) {
-    let default = if verbose {
+pub fn init_logging(verbose: bool, format: LogFormat, serving: bool) {
+    // The server logs one line per request at info; other commands stay quiet unless -v.
+    let default = if verbose || serving {
         "llmgenie=info"
     } else {
         "llmgenie=warn"
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
 }

@@ -28,7 +28,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         let (name, path) = match catalog.resolve(m) {
             Ok(found) => found,
             Err(CatalogError::NotDownloaded { name, .. }) => {
-                eprintln!("{name} is not downloaded yet; fetching it");
+                tracing::warn!(model = %name, "not downloaded yet; fetching it");
                 let path = llmgenie::pull::pull(&catalog, &name, true)?;
                 (name, path)
             }
@@ -64,7 +64,16 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         routing,
     )
     .with_api_key(args.api_key.clone())
-    .with_cors_origins(args.cors_origins.clone());
+    .with_cors_origins(args.cors_origins.clone())
+    .with_prompt_logging(args.log_prompts);
+    let metrics_addr: Option<SocketAddr> = args
+        .metrics_addr
+        .as_deref()
+        .map(|a| {
+            a.parse()
+                .with_context(|| format!("--metrics-addr must be IP:PORT, got '{a}'"))
+        })
+        .transpose()?;
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {
         registry.spawn_reaper(std::time::Duration::from_millis(250));
@@ -77,8 +86,21 @@ pub fn serve(args: ServeArgs) -> Result<()> {
                 }
             });
         }
-        eprintln!("llmgenie listening on http://{addr}");
-        server::serve(state, addr, shutdown_signal()).await
+        if let Some(maddr) = metrics_addr {
+            let listener = tokio::net::TcpListener::bind(maddr)
+                .await
+                .with_context(|| format!("cannot listen on --metrics-addr {maddr}"))?;
+            tracing::info!(url = %format!("http://{maddr}/metrics"), "metrics listening");
+            let app = server::metrics_router(state.clone());
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, app).await {
+                    tracing::error!(error = %e, "metrics listener stopped");
+                }
+            });
+        }
+        server::serve(state, addr, shutdown_signal())
+            .await
+            .with_context(|| format!("cannot serve on {addr}"))
     })?;
     Ok(())
 }
@@ -104,7 +126,9 @@ fn routing(args: &ServeArgs, default_local: &str) -> Result<Routing> {
     }
     let claude = Routing::claude_config(&cfg);
     if claude.api_key.is_none() {
-        eprintln!("ANTHROPIC_API_KEY is not set: escalation to Claude is off; answers stay local");
+        tracing::warn!(
+            "ANTHROPIC_API_KEY is not set: escalation to Claude is off; answers stay local"
+        );
     }
     Ok(Routing::new(cfg, claude)?)
 }

@@ -50,7 +50,69 @@ pub(super) fn run(
         return;
     }
     tracing::info!(model = %name, load_s = started.elapsed().as_secs_f64(), "model ready");
-    serve(&weights, &tokenizer, &commands, &stats);
+    let meters = Meters::new(&name);
+    serve(&weights, &tokenizer, &commands, &stats, &meters);
+}
+
+/// This model's generation metrics, looked up once.
+struct Meters {
+    time_to_first_token: metrics::Histogram,
+    inter_token: metrics::Histogram,
+    queue_wait: metrics::Histogram,
+    prompt_tokens: metrics::Counter,
+    generated_tokens: metrics::Counter,
+    prompt_rate: metrics::Histogram,
+    decode_rate: metrics::Histogram,
+    /// stop, length, cancelled, error.
+    finished: [metrics::Counter; 4],
+}
+
+impl Meters {
+    fn new(model: &str) -> Self {
+        use crate::observe::names as n;
+        let m = model.to_string();
+        let finished = |reason: &'static str| metrics::counter!(n::SEQUENCES_FINISHED, "model" => m.clone(), "reason" => reason);
+        Self {
+            time_to_first_token: metrics::histogram!(n::TIME_TO_FIRST_TOKEN, "model" => m.clone()),
+            inter_token: metrics::histogram!(n::INTER_TOKEN_LATENCY, "model" => m.clone()),
+            queue_wait: metrics::histogram!(n::QUEUE_WAIT, "model" => m.clone()),
+            prompt_tokens: metrics::counter!(n::PROMPT_TOKENS, "model" => m.clone()),
+            generated_tokens: metrics::counter!(n::GENERATED_TOKENS, "model" => m.clone()),
+            prompt_rate: metrics::histogram!(n::PROMPT_TOKENS_PER_SECOND, "model" => m.clone()),
+            decode_rate: metrics::histogram!(n::DECODE_TOKENS_PER_SECOND, "model" => m.clone()),
+            finished: [
+                finished("stop"),
+                finished("length"),
+                finished("cancelled"),
+                finished("error"),
+            ],
+        }
+    }
+
+    /// A sequence ended: its counts, speeds and reason.
+    fn ended(&self, seq: &Sequence<'_>, outcome: &Step) {
+        let prompt = seq.evaluated.min(seq.request.prompt.len());
+        self.prompt_tokens.increment(prompt as u64);
+        self.generated_tokens.increment(seq.generated as u64);
+        if let Some(first) = seq.first_token {
+            let prompt_s = first.duration_since(seq.started).as_secs_f64();
+            if prompt_s > 0.0 {
+                self.prompt_rate.record(prompt as f64 / prompt_s);
+            }
+            let decode_s = first.elapsed().as_secs_f64();
+            if seq.generated > 1 && decode_s > 0.0 {
+                self.decode_rate
+                    .record((seq.generated - 1) as f64 / decode_s);
+            }
+        }
+        let i = match outcome {
+            Step::Finished(FinishReason::Stop) | Step::Continue => 0,
+            Step::Finished(FinishReason::Length) => 1,
+            Step::Cancelled => 2,
+            Step::Failed => 3,
+        };
+        self.finished[i].increment(1);
+    }
 }
 
 type Loaded = (Transformer, GgufTokenizer, ModelInfo, ChatTemplate);
@@ -88,11 +150,12 @@ struct Sequence<'t> {
     queue_time: Duration,
     started: Instant,
     first_token: Option<Instant>,
+    last_token: Option<Instant>,
 }
 
 enum Step {
     Continue,
-    Finished,
+    Finished(FinishReason),
     Cancelled,
     Failed,
 }
@@ -102,6 +165,7 @@ fn serve(
     tokenizer: &GgufTokenizer,
     commands: &std_mpsc::Receiver<Command>,
     stats: &EngineStats,
+    meters: &Meters,
 ) {
     let mut active: Vec<Sequence<'_>> = Vec::new();
     // Each token's text, built on the first JSON-mode request.
@@ -131,6 +195,7 @@ fn serve(
                     if request.json && vocab.is_none() {
                         vocab = Some(token_bytes(tokenizer));
                     }
+                    meters.queue_wait.record(submitted.elapsed().as_secs_f64());
                     active.push(Sequence {
                         cache: weights.new_cache(),
                         sampler: Sampler::new(request.params.clone()),
@@ -143,6 +208,7 @@ fn serve(
                         queue_time: submitted.elapsed(),
                         started: Instant::now(),
                         first_token: None,
+                        last_token: None,
                         events,
                         request,
                     });
@@ -154,7 +220,7 @@ fn serve(
             let outcome = if seq.events.is_closed() {
                 Step::Cancelled
             } else {
-                match step(weights, tokenizer, vocab.as_deref(), seq) {
+                match step(weights, tokenizer, vocab.as_deref(), seq, meters) {
                     Ok(s) => s,
                     Err(e) => {
                         tracing::warn!(error = %e, "generation failed");
@@ -166,7 +232,7 @@ fn serve(
             };
             let counter = match outcome {
                 Step::Continue => return true,
-                Step::Finished => &stats.completed,
+                Step::Finished(_) => &stats.completed,
                 Step::Cancelled => {
                     tracing::debug!("client went away; sequence dropped");
                     &stats.cancelled
@@ -174,6 +240,7 @@ fn serve(
                 Step::Failed => &stats.failed,
             };
             counter.fetch_add(1, Ordering::Relaxed);
+            meters.ended(seq, &outcome);
             stats.prompt_tokens.fetch_add(
                 seq.evaluated.min(seq.request.prompt.len()) as u64,
                 Ordering::Relaxed,
@@ -206,6 +273,7 @@ fn step(
     tokenizer: &GgufTokenizer,
     vocab: Option<&[Box<[u8]>]>,
     seq: &mut Sequence<'_>,
+    meters: &Meters,
 ) -> Result<Step, EngineError> {
     let prompt_len = seq.request.prompt.len();
     let end = if seq.evaluated < prompt_len {
@@ -229,9 +297,18 @@ fn step(
     }
     .ok_or_else(|| EngineError::InvalidRequest("no token can continue the answer".into()))?;
     let now = Instant::now();
-    if seq.first_token.is_none() {
-        seq.first_token = Some(now);
+    match seq.last_token {
+        None => {
+            seq.first_token = Some(now);
+            meters
+                .time_to_first_token
+                .record((seq.queue_time + now.duration_since(seq.started)).as_secs_f64());
+        }
+        Some(last) => meters
+            .inter_token
+            .record(now.duration_since(last).as_secs_f64()),
     }
+    seq.last_token = Some(now);
     if tokenizer.stop_ids().contains(&sampled.token) {
         return finish(seq, FinishReason::Stop);
     }
@@ -292,5 +369,5 @@ fn finish(seq: &mut Sequence<'_>, reason: FinishReason) -> Result<Step, EngineEr
     };
     // The client may be gone already; the sequence is finished regardless.
     let _ = seq.events.send(Event::Done(done));
-    Ok(Step::Finished)
+    Ok(Step::Finished(reason))
 }

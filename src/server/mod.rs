@@ -10,6 +10,7 @@ mod ollama;
 mod openai;
 pub mod routed;
 pub mod run;
+pub mod telemetry;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -65,6 +66,12 @@ pub struct AppState {
     pub ledger: Arc<Ledger>,
     /// The classifier, the policy and the Claude client.
     pub routing: Arc<Routing>,
+    /// The process's metrics (`None` when another recorder was installed first).
+    pub metrics: Option<crate::observe::Metrics>,
+    /// Put the user's prompt text in the per-request log lines.
+    pub log_prompts: bool,
+    /// Distinguishes this process's request ids from another's.
+    boot_id: u64,
     ids: Arc<AtomicU64>,
 }
 
@@ -78,8 +85,22 @@ impl AppState {
             cors_origins: Arc::from(Vec::new()),
             ledger: Arc::new(Ledger::new(routing.config.prices.clone())),
             routing: Arc::new(routing),
+            metrics: crate::observe::install()
+                .map_err(|e| tracing::warn!(error = %e, "metrics disabled"))
+                .ok(),
+            log_prompts: false,
+            boot_id: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() & 0xff_ffff),
             ids: Arc::new(AtomicU64::new(1)),
         }
+    }
+
+    /// Log the user's prompt text with each request (off by default).
+    #[must_use]
+    pub fn with_prompt_logging(mut self, on: bool) -> Self {
+        self.log_prompts = on;
+        self
     }
 
     /// Require this API key (`None`: open).
@@ -97,7 +118,7 @@ impl AppState {
     }
 
     /// A process-unique number for response ids.
-    fn next_id(&self) -> u64 {
+    pub fn next_id(&self) -> u64 {
         self.ids.fetch_add(1, Ordering::Relaxed)
     }
 }
@@ -197,6 +218,13 @@ async fn root() -> &'static str {
     "Ollama is running"
 }
 
+/// Only `GET /metrics`, for `--metrics-addr` (no API key: bind it where only Prometheus reaches).
+pub fn metrics_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(telemetry::metrics))
+        .with_state(state)
+}
+
 async fn unknown_route() -> error::OpenAiError {
     error::OpenAiError(ApiError::new(ErrorKind::NotFound, "no such route"))
 }
@@ -212,6 +240,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models", get(openai::list_models))
         .route("/v1/models/{id}", get(openai::get_model))
         .route("/v1/stats", get(stats))
+        .route("/metrics", get(telemetry::metrics))
         .route("/api/generate", post(ollama::generate))
         .route("/api/chat", post(ollama::chat))
         .route("/api/tags", get(ollama::tags))
@@ -227,6 +256,10 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             guard::cors,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            telemetry::track,
         ))
         .with_state(state)
 }

@@ -5,6 +5,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use axum::Json;
 use futures_util::stream::{self, StreamExt};
 use serde::Deserialize;
@@ -13,6 +14,7 @@ use serde_json::{json, Value};
 use super::error::{ApiError, OllamaError};
 use super::routed;
 use super::run::{self, check_stop, Job, PromptInput, ValidGenerate};
+use super::telemetry::{LogsItself, RequestId};
 use super::{parse_json, rfc3339, rfc3339_at, AppState, Body};
 use crate::chat::Message;
 use crate::engine::{Event, Finished};
@@ -192,7 +194,11 @@ async fn load_only(
 }
 
 /// `POST /api/generate`
-pub async fn generate(State(state): State<AppState>, body: Body) -> Result<Response, OllamaError> {
+pub async fn generate(
+    State(state): State<AppState>,
+    rid: Option<Extension<RequestId>>,
+    body: Body,
+) -> Result<Response, OllamaError> {
     let r: GenerateRequest = parse_json(&body)?;
     let keep_alive = run::parse_keep_alive(r.keep_alive.as_ref())?;
     if r.prompt.is_empty() && r.system.is_none() {
@@ -215,11 +221,15 @@ pub async fn generate(State(state): State<AppState>, body: Body) -> Result<Respo
         PromptInput::Chat(messages)
     };
     let valid = validate(r.model, prompt, r.options, r.format, keep_alive)?;
-    respond(state, valid, r.stream.unwrap_or(true), false).await
+    respond(state, valid, r.stream.unwrap_or(true), false, rid).await
 }
 
 /// `POST /api/chat`
-pub async fn chat(State(state): State<AppState>, body: Body) -> Result<Response, OllamaError> {
+pub async fn chat(
+    State(state): State<AppState>,
+    rid: Option<Extension<RequestId>>,
+    body: Body,
+) -> Result<Response, OllamaError> {
     let r: ChatRequest = parse_json(&body)?;
     let keep_alive = run::parse_keep_alive(r.keep_alive.as_ref())?;
     if r.messages.is_empty() {
@@ -249,7 +259,7 @@ pub async fn chat(State(state): State<AppState>, body: Body) -> Result<Response,
         r.format,
         keep_alive,
     )?;
-    respond(state, valid, r.stream.unwrap_or(true), true).await
+    respond(state, valid, r.stream.unwrap_or(true), true, rid).await
 }
 
 fn piece(model: &str, text: &str, chat: bool) -> Value {
@@ -265,8 +275,13 @@ async fn respond(
     valid: ValidGenerate,
     stream: bool,
     chat: bool,
+    rid: Option<Extension<RequestId>>,
 ) -> Result<Response, OllamaError> {
+    let prompt = state.log_prompts.then(|| routed::user_text(&valid.prompt));
     let mut job = routed::answer(&state, valid, stream).await?;
+    if let Some(Extension(RequestId(id))) = &rid {
+        job.log_as(id, prompt);
+    }
     let headers = job.decision.headers();
     if !stream {
         let done = run::collect(&mut job).await?;
@@ -276,7 +291,7 @@ async fn respond(
             final_fields(&job, &done.finished),
         );
         body["llmgenie"] = routing;
-        return Ok((headers, Json(body)).into_response());
+        return Ok((headers, Extension(LogsItself), Json(body)).into_response());
     }
     // One JSON object per line. Dropping the body (the client left) drops the receiver, which
     // stops the generation.
@@ -305,6 +320,7 @@ async fn respond(
     .map(|v| Ok::<_, std::convert::Infallible>(Bytes::from(format!("{v}\n"))));
     Ok((
         headers,
+        Extension(LogsItself),
         [(header::CONTENT_TYPE, "application/x-ndjson")],
         axum::body::Body::from_stream(lines),
     )

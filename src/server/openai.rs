@@ -5,6 +5,7 @@ use std::convert::Infallible;
 use axum::extract::{Path, State};
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use axum::Json;
 use futures_util::stream::{self, Stream, StreamExt};
 use serde::Deserialize;
@@ -13,6 +14,7 @@ use serde_json::{json, Value};
 use super::error::{ApiError, OpenAiError};
 use super::routed;
 use super::run::{self, check_stop, Job, PromptInput, ValidGenerate};
+use super::telemetry::{LogsItself, RequestId};
 use super::{parse_json, AppState, Body};
 use crate::chat::Message;
 use crate::engine::{Event, Finished, TokenEvent};
@@ -294,23 +296,36 @@ fn timings(job: &Job, f: &Finished) -> Value {
 /// `POST /v1/chat/completions`
 pub async fn chat_completions(
     State(state): State<AppState>,
+    rid: Option<Extension<RequestId>>,
     body: Body,
 ) -> Result<Response, OpenAiError> {
     let valid = validate_chat(parse_json(&body)?)?;
-    respond(state, valid, true).await
+    respond(state, valid, true, rid).await
 }
 
 /// `POST /v1/completions`
 pub async fn completions(
     State(state): State<AppState>,
+    rid: Option<Extension<RequestId>>,
     body: Body,
 ) -> Result<Response, OpenAiError> {
     let valid = validate_completion(parse_json(&body)?)?;
-    respond(state, valid, false).await
+    respond(state, valid, false, rid).await
 }
 
-async fn respond(state: AppState, valid: Valid, chat: bool) -> Result<Response, OpenAiError> {
+async fn respond(
+    state: AppState,
+    valid: Valid,
+    chat: bool,
+    rid: Option<Extension<RequestId>>,
+) -> Result<Response, OpenAiError> {
+    let prompt = state
+        .log_prompts
+        .then(|| routed::user_text(&valid.generate.prompt));
     let mut job = routed::answer(&state, valid.generate, valid.stream).await?;
+    if let Some(Extension(RequestId(id))) = &rid {
+        job.log_as(id, prompt);
+    }
     let headers = job.decision.headers();
     let logprobs = valid.logprobs && job.engine.is_some();
     let id = format!(
@@ -321,7 +336,7 @@ async fn respond(state: AppState, valid: Valid, chat: bool) -> Result<Response, 
     let created = run::unix_now();
     if valid.stream {
         let stream = sse_stream(job, id, created, chat, valid.include_usage, logprobs);
-        return Ok((headers, Sse::new(stream)).into_response());
+        return Ok((headers, Extension(LogsItself), Sse::new(stream)).into_response());
     }
     let done = run::collect(&mut job).await?;
     let f = &done.finished;
@@ -344,7 +359,7 @@ async fn respond(state: AppState, valid: Valid, chat: bool) -> Result<Response, 
         "timings": timings(&job, f),
         "llmgenie": routing,
     });
-    Ok((headers, Json(body)).into_response())
+    Ok((headers, Extension(LogsItself), Json(body)).into_response())
 }
 
 /// The SSE events of a streamed completion, ending in `data: [DONE]`. Dropping the stream (the

@@ -21,6 +21,7 @@ use crate::claude::{
     ClaudeClient, ClaudeConfig, ClaudeError, ClaudeMessage, MessagesRequest, StreamEvent,
 };
 use crate::engine::{Event, FinishReason, Finished, TokenEvent};
+use crate::observe::names;
 use crate::router::classifier::{Classifier, ClassifierError};
 use crate::router::ledger::Route;
 use crate::router::policy::{PolicyError, RouterConfig, Target};
@@ -112,7 +113,7 @@ impl Decision {
         }
     }
 
-    fn route_name(&self) -> &'static str {
+    pub fn route_str(&self) -> &'static str {
         match self.route {
             Route::Local => "local",
             Route::Claude => "claude",
@@ -127,7 +128,7 @@ impl Decision {
             Route::Claude => (0.0, usd),
         };
         json!({
-            "route": self.route_name(),
+            "route": self.route_str(),
             "routed": self.routed,
             "task": self.task,
             "confidence": self.confidence,
@@ -151,7 +152,7 @@ impl Decision {
                 h.insert(HeaderName::from_static(name), v);
             }
         };
-        put("x-llmgenie-route", self.route_name());
+        put("x-llmgenie-route", self.route_str());
         if let Some(task) = self.task {
             put("x-llmgenie-task", task);
         }
@@ -169,7 +170,7 @@ impl Decision {
 }
 
 /// The text the classifier and the validator look at: the last user message, or the raw prompt.
-fn user_text(prompt: &PromptInput) -> String {
+pub fn user_text(prompt: &PromptInput) -> String {
     match prompt {
         PromptInput::Raw(t) => t.clone(),
         PromptInput::Chat(messages) => messages
@@ -283,6 +284,13 @@ async fn auto(state: &AppState, mut req: ValidGenerate, stream: bool) -> Result<
         &routing.thresholds,
     );
     decision.validated = true;
+    let verdict_name = if verdict.accept() {
+        "accept"
+    } else {
+        "escalate"
+    };
+    metrics::counter!(names::VALIDATOR_VERDICTS, "task" => plan.task, "verdict" => verdict_name)
+        .increment(1);
     if verdict.accept() {
         return Ok(job.replay(&done, decision));
     }

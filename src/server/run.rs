@@ -13,6 +13,7 @@ use super::routed::Decision;
 use super::AppState;
 use crate::chat::Message;
 use crate::engine::{Engine, Event, FinishReason, Finished, GenerateRequest, TokenEvent};
+use crate::observe::names;
 use crate::registry::{KeepAlive, Lease};
 use crate::router::ledger::{Ledger, Outcome, Route};
 use crate::sampler::SamplingParams;
@@ -111,6 +112,29 @@ pub struct Job {
     pub decision: Decision,
     /// What this request saved or spent, once accounted.
     usd: Option<f64>,
+    /// For the request's log line (empty: not logged here).
+    pub request_id: String,
+    /// The prompt text, when prompts are logged.
+    pub log_prompt: Option<String>,
+}
+
+impl Drop for Job {
+    /// A job dropped before its answer was complete: the client left, or it failed.
+    fn drop(&mut self) {
+        if self.usd.is_none() && !self.request_id.is_empty() {
+            tracing::info!(
+                target: "llmgenie::request",
+                request_id = %self.request_id,
+                model = %self.model,
+                route = self.decision.route_str(),
+                task = self.decision.task.unwrap_or("unclassified"),
+                total_ms = self.started.elapsed().as_secs_f64() * 1e3,
+                status = "cancelled",
+                prompt = self.log_prompt.as_deref(),
+                "request"
+            );
+        }
+    }
 }
 
 /// Find (or load) the model, render and tokenize the prompt, check it against the context and
@@ -174,6 +198,8 @@ pub async fn start(state: &AppState, req: ValidGenerate) -> Result<Job, ApiError
         started,
         decision: Decision::local(),
         usd: None,
+        request_id: String::new(),
+        log_prompt: None,
     })
 }
 
@@ -197,7 +223,15 @@ impl Job {
             started,
             decision,
             usd: None,
+            request_id: String::new(),
+            log_prompt: None,
         }
+    }
+
+    /// Log this request's line when its answer completes (or is abandoned).
+    pub fn log_as(&mut self, id: &str, prompt: Option<String>) {
+        self.request_id = id.to_string();
+        self.log_prompt = prompt;
     }
 
     /// Replace the events with a replay of a finished answer, keeping the engine (for token
@@ -220,6 +254,16 @@ impl Job {
     pub fn account(&mut self, f: &Finished) -> serde_json::Value {
         let d = &self.decision;
         let usd = *self.usd.get_or_insert_with(|| {
+            let route = match d.route {
+                Route::Local => "local",
+                Route::Claude => "claude",
+            };
+            let task = d.task.unwrap_or("unclassified");
+            metrics::counter!(names::ROUTED_REQUESTS, "task" => task, "route" => route)
+                .increment(1);
+            for reason in &d.reasons {
+                metrics::counter!(names::ESCALATIONS, "reason" => reason.clone()).increment(1);
+            }
             self.ledger.note(&Outcome {
                 validated: d.validated,
                 escalated: d.route == Route::Claude,
@@ -234,6 +278,27 @@ impl Job {
                 f.generated_tokens as u64,
             )
         });
+        if !self.request_id.is_empty() {
+            let ttft = self.load_time + f.queue_time + f.prompt_time;
+            let reasons = d.reasons.join(",");
+            tracing::info!(
+                target: "llmgenie::request",
+                request_id = %self.request_id,
+                model = %self.model,
+                route = d.route_str(),
+                task = d.task.unwrap_or("unclassified"),
+                escalation_reason = %reasons,
+                degraded = d.degraded,
+                prompt_tokens = f.prompt_tokens,
+                generated_tokens = f.generated_tokens,
+                ttft_ms = ttft.as_secs_f64() * 1e3,
+                total_ms = self.started.elapsed().as_secs_f64() * 1e3,
+                finish_reason = f.reason.as_str(),
+                status = 200,
+                prompt = self.log_prompt.as_deref(),
+                "request"
+            );
+        }
         d.body(usd)
     }
 }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 
 pub mod fake_claude;
+pub mod http;
 
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
