@@ -130,6 +130,8 @@ struct Resident {
     /// When it may be unloaded once idle; `None`: never.
     expires: Option<Instant>,
     bytes: u64,
+    /// The last request asked for it to be unloaded (`keep_alive: 0`).
+    unload_requested: bool,
 }
 
 impl Resident {
@@ -396,6 +398,7 @@ impl Registry {
                                 engine: engine.clone(),
                                 expires,
                                 bytes,
+                                unload_requested: false,
                             }),
                         );
                     }
@@ -463,6 +466,7 @@ impl Registry {
     fn release(&self, name: &str, keep_alive: KeepAlive) {
         if let Some(Slot::Ready(r)) = lock(&self.inner.slots).get_mut(name) {
             r.expires = keep_alive.deadline(Instant::now());
+            r.unload_requested = keep_alive == KeepAlive::For(Duration::ZERO);
         }
     }
 
@@ -484,8 +488,13 @@ impl Registry {
                 .collect();
             for name in expired {
                 if let Some(Slot::Ready(r)) = slots.remove(&name) {
-                    tracing::info!(model = %name, reason = "keep-alive expired", "unloading model");
-                    metrics::counter!(names::MODEL_UNLOADS, "model" => name.clone(), "reason" => "expired")
+                    let reason = if r.unload_requested {
+                        "request"
+                    } else {
+                        "expired"
+                    };
+                    tracing::info!(model = %name, reason, "unloading model");
+                    metrics::counter!(names::MODEL_UNLOADS, "model" => name.clone(), "reason" => reason)
                         .increment(1);
                     engines.push(r.engine);
                     gone.push(name);

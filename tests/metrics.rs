@@ -212,4 +212,21 @@ fn counters_follow_local_answers_escalations_rejections_and_cancellations() {
         assert!(Instant::now() < deadline, "no cancelled sequence counted");
         std::thread::sleep(Duration::from_millis(50));
     }
+
+    // Ollama's unload request.
+    let d = measure(a, || {
+        let r = post(
+            a,
+            "/api/generate",
+            json!({"model": "smollm2-135m", "keep_alive": 0}),
+        );
+        assert_eq!(r.json()["done_reason"], "unload", "{}", r.body);
+    });
+    let unloads = "llmgenie_model_unloads_total";
+    assert_eq!(d.of(unloads, &[("reason", "request")]), 1.0);
+    assert_eq!(value(&d.after, "llmgenie_models_resident", &[]), 0.0);
+    assert_eq!(
+        value(&d.after, "llmgenie_model_resident_bytes", &MODEL),
+        0.0
+    );
 }

@@ -109,7 +109,7 @@ pub const ALL: &[Metric] = &[
     m(MODELS_RESIDENT, Gauge, &[], "Models loaded and resident."),
     m(MODEL_BYTES, Gauge, &["model"], "Bytes of model file held per resident model."),
     m(MODEL_LOADS, Counter, &["model", "outcome"], "Model loads by outcome: ok, error."),
-    m(MODEL_UNLOADS, Counter, &["model", "reason"], "Model unloads by reason: expired (keep-alive), evicted (memory budget)."),
+    m(MODEL_UNLOADS, Counter, &["model", "reason"], "Model unloads by reason: expired (keep-alive), evicted (memory budget), request (keep_alive 0)."),
     m(MODEL_LOAD_DURATION, Histogram, &["model"], "Time to load a model."),
     m(ROUTED_REQUESTS, Counter, &["task", "route"], "Answered requests by task class (unclassified when a model was named) and route: local, claude."),
     m(ESCALATIONS, Counter, &["reason"], "Reasons requests were sent (or meant to be sent) to Claude."),
