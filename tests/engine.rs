@@ -194,3 +194,61 @@ fn bad_requests_are_rejected_before_queueing() {
         "{err}"
     );
 }
+
+#[test]
+fn the_prefix_cache_serves_repeats_and_continued_chats_with_the_same_answers() {
+    let e = engine();
+    let r = reference("smollm2");
+    let hits = |e: &Engine| EngineStats::get(&e.stats().prefix_hits);
+    // The same prompt twice: the second run reuses all but its last 16 tokens, same answer.
+    let case = &r.chat[2];
+    let n = case.greedy_ids.len();
+    for round in 0..2 {
+        let (ids, _, done) = collect(&e, greedy(case.prompt_ids.clone(), n));
+        assert_eq!(ids, case.greedy_ids, "round {round}");
+        let expected_cached = if round == 0 {
+            0
+        } else {
+            case.prompt_ids.len() - llmgenie::model::DENSE_MIN_ROWS
+        };
+        assert_eq!(done.cached_tokens, expected_cached);
+    }
+    assert_eq!(hits(&e), 1);
+
+    // A chat that goes on: the second turn starts from the first turn's cache.
+    let first = vec![Message {
+        role: "user".into(),
+        content: "Name three primary colours.".into(),
+    }];
+    let render = |e: &Engine, m: &[Message]| {
+        let text = e.template().render(m, true).unwrap();
+        e.tokenizer().encode_prompt(&text).unwrap()
+    };
+    // (It shares the template's default system prompt with the case above: a partial hit.)
+    let (_, answer, done) = collect(&e, greedy(render(&e, &first), 24));
+    assert!(done.cached_tokens >= 16);
+    let mut second = first.clone();
+    second.push(Message {
+        role: "assistant".into(),
+        content: answer,
+    });
+    second.push(Message {
+        role: "user".into(),
+        content: "Which one is the colour of the sky?".into(),
+    });
+    let prompt = render(&e, &second);
+    let before = hits(&e);
+    let (warm, _, done) = collect(&e, greedy(prompt.clone(), 16));
+    assert_eq!(hits(&e), before + 1);
+    assert!(
+        done.cached_tokens > prompt.len() / 2,
+        "{} of {} reused",
+        done.cached_tokens,
+        prompt.len()
+    );
+    // The same second turn on a fresh engine, evaluated from scratch.
+    let cold_engine = engine();
+    let (cold, _, done) = collect(&cold_engine, greedy(prompt, 16));
+    assert_eq!(done.cached_tokens, 0);
+    assert_eq!(warm, cold);
+}

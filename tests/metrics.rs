@@ -213,6 +213,32 @@ fn counters_follow_local_answers_escalations_rejections_and_cancellations() {
         std::thread::sleep(Duration::from_millis(50));
     }
 
+    // The same conversation twice: the second starts from the first one's cache.
+    let body = json!({"model": "smollm2-135m", "max_tokens": 3, "temperature": 0,
+        "messages": [{"role": "user", "content": "Here is a list of fruits: apples, pears, plums, cherries, figs, dates, limes and kiwis. Which one is yellow?"}]});
+    // (The first one may already reuse the default system prompt of an earlier request.)
+    let first = post(a, "/v1/chat/completions", body.clone()).json();
+    let first_cached = first["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_f64()
+        .unwrap();
+    let mut cached = 0.0;
+    let d = measure(a, || {
+        let again = post(a, "/v1/chat/completions", body.clone()).json();
+        cached = again["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_f64()
+            .unwrap();
+        assert_eq!(
+            again["choices"][0]["message"],
+            first["choices"][0]["message"]
+        );
+    });
+    assert!(cached > first_cached, "{cached} vs {first_cached}");
+    assert_eq!(d.of("llmgenie_prefix_cache_hits_total", &MODEL), 1.0);
+    assert_eq!(
+        d.of("llmgenie_prefix_cache_reused_tokens_total", &MODEL),
+        cached
+    );
+
     // Ollama's unload request.
     let d = measure(a, || {
         let r = post(

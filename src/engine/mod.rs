@@ -7,6 +7,7 @@
 //! is freed before its next token. Active sequences advance in turn, one step each, so a long
 //! answer does not block a short one; prompts are prefilled in chunks for the same reason.
 
+pub mod prefix;
 mod worker;
 
 use std::path::{Path, PathBuf};
@@ -93,6 +94,8 @@ impl FinishReason {
 pub struct Finished {
     pub reason: FinishReason,
     pub prompt_tokens: usize,
+    /// Prompt tokens taken from the prefix cache (not evaluated again).
+    pub cached_tokens: usize,
     pub generated_tokens: usize,
     /// Time from submission until the sequence started.
     pub queue_time: Duration,
@@ -136,6 +139,9 @@ pub struct EngineStats {
     pub failed: AtomicU64,
     pub prompt_tokens: AtomicU64,
     pub generated_tokens: AtomicU64,
+    /// Requests that started from a cached prefix, and the prompt tokens they did not evaluate.
+    pub prefix_hits: AtomicU64,
+    pub prefix_tokens_reused: AtomicU64,
 }
 
 impl EngineStats {

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use candle_core::Device;
 use tokio::sync::mpsc;
 
+use super::prefix::PrefixCache;
 use super::{
     Command, EngineError, EngineStats, Event, FinishReason, Finished, GenerateRequest, ModelInfo,
     Ready, TokenEvent,
@@ -27,6 +28,18 @@ const PREFILL_CHUNK: usize = 512;
 
 /// How many sequences advance together; further requests wait in the channel.
 const MAX_ACTIVE: usize = 8;
+
+/// Finished sequences' caches kept for reuse.
+const PREFIX_ENTRIES: usize = 16;
+
+/// Bytes of KV cache kept for reuse: `LLMGENIE_PREFIX_CACHE_MB` (default 256; 0 turns it off).
+fn prefix_cache_bytes() -> usize {
+    std::env::var("LLMGENIE_PREFIX_CACHE_MB")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .unwrap_or(256)
+        .saturating_mul(1 << 20)
+}
 
 pub(super) fn run(
     name: String,
@@ -65,6 +78,8 @@ struct Meters {
     decode_rate: metrics::Histogram,
     /// stop, length, cancelled, error.
     finished: [metrics::Counter; 4],
+    prefix_hits: metrics::Counter,
+    prefix_tokens: metrics::Counter,
 }
 
 impl Meters {
@@ -80,6 +95,8 @@ impl Meters {
             generated_tokens: metrics::counter!(n::GENERATED_TOKENS, "model" => m.clone()),
             prompt_rate: metrics::histogram!(n::PROMPT_TOKENS_PER_SECOND, "model" => m.clone()),
             decode_rate: metrics::histogram!(n::DECODE_TOKENS_PER_SECOND, "model" => m.clone()),
+            prefix_hits: metrics::counter!(n::PREFIX_CACHE_HITS, "model" => m.clone()),
+            prefix_tokens: metrics::counter!(n::PREFIX_CACHE_REUSED_TOKENS, "model" => m.clone()),
             finished: [
                 finished("stop"),
                 finished("length"),
@@ -91,7 +108,10 @@ impl Meters {
 
     /// A sequence ended: its counts, speeds and reason.
     fn ended(&self, seq: &Sequence<'_>, outcome: &Step) {
-        let prompt = seq.evaluated.min(seq.request.prompt.len());
+        let prompt = seq
+            .evaluated
+            .min(seq.request.prompt.len())
+            .saturating_sub(seq.reused);
         self.prompt_tokens.increment(prompt as u64);
         self.generated_tokens.increment(seq.generated as u64);
         if let Some(first) = seq.first_token {
@@ -147,6 +167,8 @@ struct Sequence<'t> {
     /// Tokens already in the cache.
     evaluated: usize,
     generated: usize,
+    /// Prompt tokens taken from the prefix cache.
+    reused: usize,
     queue_time: Duration,
     started: Instant,
     first_token: Option<Instant>,
@@ -168,6 +190,7 @@ fn serve(
     meters: &Meters,
 ) {
     let mut active: Vec<Sequence<'_>> = Vec::new();
+    let mut prefixes = PrefixCache::new(PREFIX_ENTRIES, prefix_cache_bytes());
     // Each token's text, built on the first JSON-mode request.
     let mut vocab: Option<Vec<Box<[u8]>>> = None;
     loop {
@@ -196,14 +219,27 @@ fn serve(
                         vocab = Some(token_bytes(tokenizer));
                     }
                     meters.queue_wait.record(submitted.elapsed().as_secs_f64());
+                    let (cache, evaluated) = match prefixes.take(&request.prompt) {
+                        Some(hit) => {
+                            stats.prefix_hits.fetch_add(1, Ordering::Relaxed);
+                            stats
+                                .prefix_tokens_reused
+                                .fetch_add(hit.reused as u64, Ordering::Relaxed);
+                            meters.prefix_hits.increment(1);
+                            meters.prefix_tokens.increment(hit.reused as u64);
+                            (hit.cache, hit.reused)
+                        }
+                        None => (weights.new_cache(), 0),
+                    };
                     active.push(Sequence {
-                        cache: weights.new_cache(),
+                        cache,
                         sampler: Sampler::new(request.params.clone()),
                         decoder: tokenizer.decoder(),
                         stops: StopMatcher::new(&request.stop),
                         json: request.json.then(JsonPrefix::new),
                         tokens: request.prompt.clone(),
-                        evaluated: 0,
+                        evaluated,
+                        reused: evaluated,
                         generated: 0,
                         queue_time: submitted.elapsed(),
                         started: Instant::now(),
@@ -241,8 +277,16 @@ fn serve(
             };
             counter.fetch_add(1, Ordering::Relaxed);
             meters.ended(seq, &outcome);
+            if !matches!(outcome, Step::Failed) {
+                // Keep what was evaluated for a request that continues this one.
+                let cache = std::mem::replace(&mut seq.cache, weights.new_cache());
+                let held = cache.len().min(seq.tokens.len());
+                prefixes.insert(seq.tokens[..held].to_vec(), cache);
+            }
             stats.prompt_tokens.fetch_add(
-                seq.evaluated.min(seq.request.prompt.len()) as u64,
+                seq.evaluated
+                    .min(seq.request.prompt.len())
+                    .saturating_sub(seq.reused) as u64,
                 Ordering::Relaxed,
             );
             stats
@@ -362,6 +406,7 @@ fn finish(seq: &mut Sequence<'_>, reason: FinishReason) -> Result<Step, EngineEr
     let done = Finished {
         reason,
         prompt_tokens: seq.request.prompt.len(),
+        cached_tokens: seq.reused,
         generated_tokens: seq.generated,
         queue_time: seq.queue_time,
         prompt_time: first.duration_since(seq.started),

@@ -49,6 +49,36 @@ impl KvCache {
             .sum()
     }
 
+    /// Forget every position from `n` on (their storage is overwritten by later appends).
+    pub fn truncate(&mut self, n: usize) {
+        self.len = self.len.min(n);
+    }
+
+    /// A new cache holding a copy of the first `n` positions (with room to grow).
+    ///
+    /// # Errors
+    /// A candle failure while copying.
+    pub fn copy_prefix(&self, n: usize) -> Result<Self, ModelError> {
+        let n = n.min(self.len);
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for layer in &self.layers {
+            let Some(c) = layer else {
+                layers.push(None);
+                continue;
+            };
+            let (b, heads, _, dim) = c.k.dims4()?;
+            let cap = (n + MIN_CAPACITY).next_power_of_two();
+            let k = Tensor::zeros((b, heads, cap, dim), c.k.dtype(), c.k.device())?;
+            let v = Tensor::zeros((b, heads, cap, dim), c.v.dtype(), c.v.device())?;
+            if n > 0 {
+                k.slice_set(&c.k.narrow(2, 0, n)?.contiguous()?, 2, 0)?;
+                v.slice_set(&c.v.narrow(2, 0, n)?.contiguous()?, 2, 0)?;
+            }
+            layers.push(Some(LayerCache { k, v }));
+        }
+        Ok(Self { layers, len: n })
+    }
+
     pub(crate) fn advance(&mut self, n: usize) {
         self.len += n;
     }

@@ -14,7 +14,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Module, Tensor, D};
 
 /// Rows from which the dense path is used on the CPU.
-const DENSE_MIN_ROWS: usize = 16;
+pub const DENSE_MIN_ROWS: usize = 16;
 
 pub struct Linear {
     matmul: QMatMul,

@@ -19,6 +19,7 @@ use crate::gguf::{Architecture, GgufError, GgufFile, ModelSpec};
 
 pub use cache::KvCache;
 pub use device::{select_device, DeviceChoice};
+pub use linear::DENSE_MIN_ROWS;
 pub use transformer::{Activation, Config, RopeStyle, TensorSource, Transformer};
 
 /// Errors of loading and running a model.

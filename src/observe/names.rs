@@ -33,6 +33,8 @@ pub const DECODE_TOKENS_PER_SECOND: &str = "llmgenie_decode_tokens_per_second";
 pub const QUEUE_DEPTH: &str = "llmgenie_queue_depth";
 pub const RUNNING_SEQUENCES: &str = "llmgenie_running_sequences";
 pub const SEQUENCES_FINISHED: &str = "llmgenie_sequences_finished_total";
+pub const PREFIX_CACHE_HITS: &str = "llmgenie_prefix_cache_hits_total";
+pub const PREFIX_CACHE_REUSED_TOKENS: &str = "llmgenie_prefix_cache_reused_tokens_total";
 
 pub const MODELS_RESIDENT: &str = "llmgenie_models_resident";
 pub const MODEL_BYTES: &str = "llmgenie_model_resident_bytes";
@@ -106,6 +108,8 @@ pub const ALL: &[Metric] = &[
     m(QUEUE_DEPTH, Gauge, &["model"], "Requests waiting for a sequence slot."),
     m(RUNNING_SEQUENCES, Gauge, &["model"], "Sequences being generated."),
     m(SEQUENCES_FINISHED, Counter, &["model", "reason"], "Finished sequences by reason: stop, length, cancelled, error."),
+    m(PREFIX_CACHE_HITS, Counter, &["model"], "Requests that started from a cached prompt prefix."),
+    m(PREFIX_CACHE_REUSED_TOKENS, Counter, &["model"], "Prompt tokens taken from the prefix cache instead of evaluated."),
     m(MODELS_RESIDENT, Gauge, &[], "Models loaded and resident."),
     m(MODEL_BYTES, Gauge, &["model"], "Bytes of model file held per resident model."),
     m(MODEL_LOADS, Counter, &["model", "outcome"], "Model loads by outcome: ok, error."),

@@ -263,8 +263,10 @@ fn validate_completion(r: CompletionRequest) -> Result<Valid, ApiError> {
     })
 }
 
-fn usage(prompt: usize, completion: usize) -> Value {
-    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+fn usage(f: &Finished) -> Value {
+    let (prompt, completion) = (f.prompt_tokens, f.generated_tokens);
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+           "prompt_tokens_details": {"cached_tokens": f.cached_tokens}})
 }
 
 fn token_logprob(job: &Job, t: &TokenEvent) -> Value {
@@ -355,7 +357,7 @@ async fn respond(
         "created": created,
         "model": job.model,
         "choices": [choice],
-        "usage": usage(f.prompt_tokens, f.generated_tokens),
+        "usage": usage(f),
         "timings": timings(&job, f),
         "llmgenie": routing,
     });
@@ -413,7 +415,7 @@ fn sse_stream(
                     if include_usage {
                         let mut u = chunk(&job.model, json!({}), None, None);
                         u["choices"] = json!([]);
-                        u["usage"] = usage(f.prompt_tokens, f.generated_tokens);
+                        u["usage"] = usage(&f);
                         out.push(u);
                     }
                     return Some((out, (job, true)));

@@ -411,6 +411,7 @@ fn finished(
             FinishReason::Stop
         },
         prompt_tokens: usage.input_tokens as usize,
+        cached_tokens: 0,
         generated_tokens: usage.output_tokens as usize,
         queue_time: std::time::Duration::ZERO,
         prompt_time: first.saturating_duration_since(started),

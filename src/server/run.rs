@@ -340,6 +340,7 @@ pub async fn collect_until(
                     let finished = Finished {
                         reason: FinishReason::Length,
                         prompt_tokens: job.prompt_tokens,
+                        cached_tokens: 0,
                         generated_tokens: tokens.len(),
                         queue_time: Duration::ZERO,
                         prompt_time: Duration::ZERO,
