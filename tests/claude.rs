@@ -216,12 +216,19 @@ fn spend_limit_is_final_and_the_deadline_bounds_retries() {
     // The fake's message is "rate_limit_error happened": retried until the retries run out.
     assert!(rt.block_on(client.create(&request())).is_err());
     assert_eq!(f.calls.load(Ordering::SeqCst), 4);
-    let spend = ClaudeError::Api {
-        status: 429,
-        kind: "rate_limit_error".into(),
-        message: "You have reached your specified API usage limits".into(),
-    };
-    assert!(!spend.retryable());
+    // A 429 that says the spend limit is reached is final: one call, no retry.
+    let (client, f, rt) = fake(vec![
+        Reply::ErrorWithMessage(
+            429,
+            "rate_limit_error",
+            "You have reached your specified API usage limits. You will regain access on 2026-12-01.",
+        ),
+        Reply::Json(message_json("never reached")),
+    ]);
+    let e = rt.block_on(client.create(&request())).unwrap_err();
+    assert!(matches!(e, ClaudeError::Api { status: 429, .. }), "{e}");
+    assert!(!e.retryable());
+    assert_eq!(f.calls(), 1);
 
     // retry-after of 2 s with 300 ms left: give up at once instead of sleeping past the deadline.
     let (client, f, rt) = fake(vec![Reply::Error(

@@ -19,6 +19,8 @@ pub enum Reply {
     Json(Value),
     /// Status, extra headers, error type.
     Error(u16, Vec<(&'static str, &'static str)>, &'static str),
+    /// Status, error type and the error's message.
+    ErrorWithMessage(u16, &'static str, &'static str),
     /// Raw SSE text, sent at once.
     Sse(String),
     /// SSE text in pieces with a pause before each.
@@ -66,6 +68,11 @@ async fn messages(
             }
             resp
         }
+        Reply::ErrorWithMessage(status, kind, message) => (
+            StatusCode::from_u16(status).unwrap(),
+            axum::Json(json!({"type": "error", "error": {"type": kind, "message": message}})),
+        )
+            .into_response(),
         Reply::Sse(text) => ([("content-type", "text/event-stream")], text).into_response(),
         Reply::SlowSse(parts, gap) => {
             let body = futures_util::stream::unfold(parts.into_iter(), move |mut it| async move {
