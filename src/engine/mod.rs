@@ -142,6 +142,9 @@ pub struct EngineStats {
     /// Requests that started from a cached prefix, and the prompt tokens they did not evaluate.
     pub prefix_hits: AtomicU64,
     pub prefix_tokens_reused: AtomicU64,
+    /// Forward passes that advanced several sequences at once, and the tokens they produced.
+    pub batched_steps: AtomicU64,
+    pub batched_tokens: AtomicU64,
 }
 
 impl EngineStats {

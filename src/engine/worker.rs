@@ -252,8 +252,34 @@ fn serve(
             }
         }
         stats.active.store(active.len(), Ordering::Relaxed);
+        // Sequences generating tokens advance together in one batched step.
+        let batch: Vec<usize> = (0..active.len())
+            .filter(|&i| !active[i].events.is_closed() && decoding(&active[i]))
+            .collect();
+        let mut batched: Vec<Option<Step>> = (0..active.len()).map(|_| None).collect();
+        if batch.len() >= 2 {
+            stats.batched_steps.fetch_add(1, Ordering::Relaxed);
+            stats
+                .batched_tokens
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            let steps = step_batch(
+                weights,
+                tokenizer,
+                vocab.as_deref(),
+                &mut active,
+                &batch,
+                meters,
+            );
+            for (&i, step) in batch.iter().zip(steps) {
+                batched[i] = Some(step);
+            }
+        }
+        let mut batched = batched.into_iter();
         active.retain_mut(|seq| {
-            let outcome = if seq.events.is_closed() {
+            let done_in_batch = batched.next().flatten();
+            let outcome = if let Some(step) = done_in_batch {
+                step
+            } else if seq.events.is_closed() {
                 Step::Cancelled
             } else {
                 match step(weights, tokenizer, vocab.as_deref(), seq, meters) {
@@ -331,13 +357,79 @@ fn step(
         return Ok(Step::Continue);
     }
     let logits: Vec<f32> = logits.to_vec1().map_err(model::ModelError::from)?;
+    emit(weights, tokenizer, vocab, seq, &logits, meters)
+}
+
+/// Whether a sequence's next step is one generated token (it can join a batched step).
+fn decoding(seq: &Sequence<'_>) -> bool {
+    seq.evaluated >= seq.request.prompt.len() && seq.evaluated + 1 == seq.tokens.len()
+}
+
+/// Advance the decoding sequences `which` (indices into `active`) by one token in one batched
+/// forward pass; returns each one's outcome, in the order of `which`.
+fn step_batch(
+    weights: &Transformer,
+    tokenizer: &GgufTokenizer,
+    vocab: Option<&[Box<[u8]>]>,
+    active: &mut [Sequence<'_>],
+    which: &[usize],
+    meters: &Meters,
+) -> Vec<Step> {
+    let tokens: Vec<u32> = which
+        .iter()
+        .map(|&i| active[i].tokens[active[i].evaluated])
+        .collect();
+    let logits = {
+        let mut caches: Vec<&mut KvCache> = active
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| which.contains(i))
+            .map(|(_, s)| &mut s.cache)
+            .collect();
+        weights.forward_batch(&tokens, &mut caches)
+    };
+    let fail = |seq: &mut Sequence<'_>, e: &dyn std::fmt::Display| {
+        tracing::warn!(error = %e, "generation failed");
+        let _ = seq.events.send(Event::Error(e.to_string()));
+        Step::Failed
+    };
+    let logits = match logits {
+        Ok(l) => l,
+        Err(e) => return which.iter().map(|&i| fail(&mut active[i], &e)).collect(),
+    };
+    which
+        .iter()
+        .enumerate()
+        .map(|(row, &i)| {
+            let seq = &mut active[i];
+            seq.evaluated += 1;
+            let row = logits
+                .get(row)
+                .and_then(|r| r.to_vec1::<f32>())
+                .map_err(|e| EngineError::from(model::ModelError::from(e)));
+            match row.and_then(|l| emit(weights, tokenizer, vocab, seq, &l, meters)) {
+                Ok(step) => step,
+                Err(e) => fail(seq, &e),
+            }
+        })
+        .collect()
+}
+
+/// Sample the next token from `logits`, send it, and say whether the sequence goes on.
+fn emit(
+    weights: &Transformer,
+    tokenizer: &GgufTokenizer,
+    vocab: Option<&[Box<[u8]>]>,
+    seq: &mut Sequence<'_>,
+    logits: &[f32],
+    meters: &Meters,
+) -> Result<Step, EngineError> {
     let sampled = match (&seq.json, vocab) {
         (Some(json), Some(vocab)) => {
             let mut allowed = |id: u32| vocab.get(id as usize).is_some_and(|b| json.accepts(b));
-            seq.sampler
-                .sample_masked(&logits, &seq.tokens, &mut allowed)
+            seq.sampler.sample_masked(logits, &seq.tokens, &mut allowed)
         }
-        _ => seq.sampler.sample(&logits, &seq.tokens),
+        _ => seq.sampler.sample(logits, &seq.tokens),
     }
     .ok_or_else(|| EngineError::InvalidRequest("no token can continue the answer".into()))?;
     let now = Instant::now();

@@ -276,6 +276,131 @@ impl Transformer {
         Ok(logits.flatten_all()?.to_dtype(DType::F32)?)
     }
 
+    /// One decode step for several sequences at once: `tokens[i]` is the next token of the
+    /// sequence whose cache is `caches[i]`. Norms, projections and the MLP run over all rows
+    /// together (each weight matrix is read once per step, not once per sequence); attention
+    /// runs per sequence over its own cache. Returns the logits, `(tokens.len(), vocab)` f32.
+    /// Each row is computed exactly as [`Transformer::forward`] computes a single token.
+    ///
+    /// # Errors
+    /// No tokens, a count that differs from the caches', a cache at the context length, or a
+    /// candle failure.
+    pub fn forward_batch(
+        &self,
+        tokens: &[u32],
+        caches: &mut [&mut KvCache],
+    ) -> Result<Tensor, ModelError> {
+        let n = tokens.len();
+        if n == 0 || caches.len() != n {
+            return Err(ModelError::EmptyInput);
+        }
+        if let Some(c) = caches
+            .iter()
+            .find(|c| c.len() + 1 > self.cfg.context_length)
+        {
+            return Err(ModelError::ContextOverflow {
+                needed: c.len() + 1,
+                limit: self.cfg.context_length,
+            });
+        }
+        let ids = Tensor::from_slice(tokens, (n,), &self.device)?;
+        let mut x = self.embed.embedding(&ids)?.unsqueeze(1)?;
+        if self.cfg.scale_embeddings {
+            x = (x * (self.cfg.hidden as f64).sqrt())?;
+        }
+        // Rope tables per sequence and base, built once per step.
+        let mut ropes: Vec<(f32, Vec<(Tensor, Tensor)>)> = Vec::new();
+        for layer in &self.layers {
+            if ropes.iter().all(|(b, _)| *b != layer.rope_base) {
+                let tables = caches
+                    .iter()
+                    .map(|c| self.rope_tables(layer.rope_base, c.len(), 1))
+                    .collect::<Result<Vec<_>, _>>()?;
+                ropes.push((layer.rope_base, tables));
+            }
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
+            let tables = ropes
+                .iter()
+                .find(|(b, _)| *b == layer.rope_base)
+                .map(|(_, t)| t.as_slice())
+                .ok_or(ModelError::Internal("rope tables missing"))?;
+            x = self.block_with(layer, &x, |h| {
+                self.attention_batch(layer, i, h, caches, tables)
+            })?;
+        }
+        for c in caches.iter_mut() {
+            c.advance(1);
+        }
+        let x = candle_nn::ops::rms_norm(&x, &self.out_norm, self.cfg.rms_eps)?;
+        let logits = self.output.forward(&x)?;
+        Ok(logits.reshape((n, ()))?.to_dtype(DType::F32)?)
+    }
+
+    /// Attention for one new token per sequence, each over its own cache.
+    fn attention_batch(
+        &self,
+        layer: &Layer,
+        index: usize,
+        x: &Tensor,
+        caches: &mut [&mut KvCache],
+        ropes: &[(Tensor, Tensor)],
+    ) -> Result<Tensor, ModelError> {
+        let cfg = &self.cfg;
+        let (n, _, _) = x.dims3()?;
+        let project =
+            |w: &Linear, bias: &Option<Tensor>, heads: usize| -> candle_core::Result<Tensor> {
+                let mut t = w.forward(x)?;
+                if let Some(bias) = bias {
+                    t = t.broadcast_add(bias)?;
+                }
+                t.reshape((n, 1, heads, cfg.head_dim))?
+                    .transpose(1, 2)?
+                    .contiguous()
+            };
+        let mut q = project(&layer.wq, &layer.bq, cfg.n_heads)?;
+        let mut k = project(&layer.wk, &layer.bk, cfg.n_kv_heads)?;
+        let v = project(&layer.wv, &layer.bv, cfg.n_kv_heads)?;
+        if let Some(w) = &layer.q_norm {
+            q = candle_nn::ops::rms_norm(&q, w, cfg.rms_eps)?;
+        }
+        if let Some(w) = &layer.k_norm {
+            k = candle_nn::ops::rms_norm(&k, w, cfg.rms_eps)?;
+        }
+        let group = cfg.n_heads / cfg.n_kv_heads;
+        let mut outs = Vec::with_capacity(n);
+        for (i, cache) in caches.iter_mut().enumerate() {
+            let (cos, sin) = &ropes[i];
+            let qi = self.rotate(&q.narrow(0, i, 1)?, cos, sin)?;
+            let ki = self.rotate(&k.narrow(0, i, 1)?, cos, sin)?;
+            let vi = v.narrow(0, i, 1)?;
+            let pos = cache.len();
+            let (k_all, v_all) = cache.append(index, &ki, &vi)?;
+            let total = pos + 1;
+            let start = match layer.window {
+                Some(w) if pos + 1 > w => pos + 1 - w,
+                _ => 0,
+            };
+            let (k_all, v_all) = if start > 0 {
+                (
+                    k_all.narrow(2, start, total - start)?,
+                    v_all.narrow(2, start, total - start)?,
+                )
+            } else {
+                (k_all, v_all)
+            };
+            let qi = qi.reshape((1, cfg.n_kv_heads, group, cfg.head_dim))?;
+            let scores = (qi.matmul(&k_all.t()?)? * cfg.attn_scale)?;
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            let out = probs
+                .matmul(&v_all)?
+                .reshape((1, 1, cfg.n_heads * cfg.head_dim))?;
+            outs.push(out);
+        }
+        let out = Tensor::cat(&outs, 0)?;
+        Ok(layer.wo.forward(&out)?)
+    }
+
     fn block(
         &self,
         layer: &Layer,
@@ -283,9 +408,19 @@ impl Transformer {
         x: &Tensor,
         pass: &mut Pass<'_>,
     ) -> Result<Tensor, ModelError> {
+        self.block_with(layer, x, |h| self.attention(layer, index, h, pass))
+    }
+
+    /// A layer around an attention function: norms, residuals and the MLP.
+    fn block_with(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        attention: impl FnOnce(&Tensor) -> Result<Tensor, ModelError>,
+    ) -> Result<Tensor, ModelError> {
         let eps = self.cfg.rms_eps;
         let h = candle_nn::ops::rms_norm(x, &layer.attn_norm, eps)?;
-        let mut h = self.attention(layer, index, &h, pass)?;
+        let mut h = attention(&h)?;
         if let Some(w) = &layer.post_attn_norm {
             h = candle_nn::ops::rms_norm(&h, w, eps)?;
         }
