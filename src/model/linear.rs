@@ -62,6 +62,10 @@ impl Linear {
                 }
                 y.reshape(shape)
             }
+            Some((w, _)) if rows < DENSE_MIN_ROWS => match super::q4_1::matmul(w, x)? {
+                Some(y) => Ok(y),
+                None => self.matmul.forward(x),
+            },
             _ => self.matmul.forward(x),
         }
     }

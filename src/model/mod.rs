@@ -6,6 +6,7 @@
 mod cache;
 mod device;
 mod linear;
+mod q4_1;
 mod transformer;
 
 use std::fs::File;
