@@ -346,6 +346,11 @@ fn without_a_key_claude_models_are_refused_and_auto_stays_local() {
         header(&r.headers, "x-llmgenie-not-escalated"),
         Some("no_api_key")
     );
+    let show = post(srv.addr, "/api/show", json!({"model": "auto:latest"}));
+    assert_eq!(show.status, 200, "{}", show.body);
+    let show = show.json();
+    assert_eq!(show["router"]["local_model"], "smollm2-135m");
+    assert_eq!(show["router"]["escalation"], false);
     let models = http(srv.addr, "GET", "/v1/models", b"").json();
     assert!(models["data"]
         .as_array()

@@ -409,7 +409,11 @@ struct ShowRequest {
 pub async fn show(State(state): State<AppState>, body: Body) -> Result<Json<Value>, OllamaError> {
     let r: ShowRequest = parse_json(&body)?;
     let requested = if r.model.is_empty() { r.name } else { r.model };
-    let (name, path) = state.registry.resolve(&requested)?;
+    let routed = requested.trim().trim_end_matches(":latest") == "auto";
+    // `auto` is the router: it shows the local model it answers with.
+    let (name, path) = state
+        .registry
+        .resolve(&routed::local_name(&state, &requested))?;
     let file = crate::gguf::GgufFile::open(&path)
         .map_err(|e| ApiError::new(super::error::ErrorKind::Internal, e.to_string()))?;
     let summary = crate::gguf::summarize(&file)
@@ -425,6 +429,11 @@ pub async fn show(State(state): State<AppState>, body: Body) -> Result<Json<Valu
             "general.file_type": file.get_u64("general.file_type").ok().flatten(),
         },
         "capabilities": ["completion"],
+        "router": routed.then(|| json!({
+            "local_model": name,
+            "claude_model": state.routing.config.claude_model,
+            "escalation": state.routing.claude.enabled(),
+        })),
     })))
 }
 
