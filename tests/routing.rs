@@ -394,3 +394,27 @@ fn a_claude_stream_that_fails_before_its_text_degrades_and_after_it_ends_in_an_e
     );
     assert!(r.body.trim_end().ends_with("data: [DONE]"));
 }
+
+#[test]
+fn a_prompt_too_long_for_the_local_model_goes_to_claude() {
+    let (fake, _rt) = fake_claude::start(vec![Reply::Json(message_json("A long read."))]);
+    let srv = routed_server(&fake, |_| {});
+    // About 9,000 tokens: more than SmolLM2's 8,192-token context.
+    let prompt = format!(
+        "Summarize this: {}",
+        "the quick brown fox jumps. ".repeat(1800)
+    );
+    let r = post(srv.addr, "/v1/chat/completions", chat(&prompt, 50, false));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(header(&r.headers, "x-llmgenie-route"), Some("claude"));
+    assert_eq!(
+        header(&r.headers, "x-llmgenie-escalation-reason"),
+        Some("local_context")
+    );
+    assert_eq!(r.json()["choices"][0]["message"]["content"], "A long read.");
+    // Pinned to the local model, the same prompt is refused with a clear error.
+    let mut pinned = chat(&prompt, 50, false);
+    pinned["model"] = json!("smollm2-135m");
+    let r = post(srv.addr, "/v1/chat/completions", pinned);
+    assert_eq!(r.status, 422, "{}", r.body);
+}

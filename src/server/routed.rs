@@ -269,7 +269,23 @@ async fn auto(state: &AppState, mut req: ValidGenerate, stream: bool) -> Result<
     };
     req.model = local_model.unwrap_or_default();
     let json_requested = req.json;
-    let mut job = run::start(state, req.clone()).await?;
+    let mut job = match run::start(state, req.clone()).await {
+        Ok(job) => job,
+        // What the local model cannot take (too long for its context, too busy, not loadable)
+        // Claude may: send it there when it can be reached.
+        Err(e)
+            if local_cannot(&e) && routing.claude.enabled() && !routing.claude.circuit_open() =>
+        {
+            let why = match e.kind {
+                ErrorKind::Unprocessable => "local_context",
+                ErrorKind::Busy => "local_busy",
+                _ => "local_unavailable",
+            };
+            decision.reasons.push(why.into());
+            return to_claude(state, req, &claude_model, decision, deadline, stream, None).await;
+        }
+        Err(e) => return Err(e),
+    };
     if stream && routing.config.stream_local_immediately {
         job.decision = decision;
         return Ok(job);
@@ -313,6 +329,14 @@ async fn auto(state: &AppState, mut req: ValidGenerate, stream: bool) -> Result<
         Some((job, done)),
     )
     .await
+}
+
+/// A local failure that is about the local model's limits, not about the request.
+fn local_cannot(e: &ApiError) -> bool {
+    matches!(
+        e.kind,
+        ErrorKind::Unprocessable | ErrorKind::Busy | ErrorKind::Unavailable
+    )
 }
 
 /// Send the request to Claude; when that is not possible or fails, answer locally (with the
