@@ -6,9 +6,10 @@
       (LLMGENIE_PREFIX_CACHE_MB=0). Prints per-turn prompt tokens, tokens taken from the cache and
       time to first token, and the median TTFT ratio.
 
-  scripts/bench_serving.py concurrency [--levels 1,2,4,8] [--tokens 64]
+  scripts/bench_serving.py concurrency [--levels 1,2,4,8] [--tokens 64] [--no-batch]
       N streams at once (distinct prompts, greedy, fixed length). Prints aggregate generated
       tokens/s, median and p95 time to first token and inter-token latency per level.
+      --no-batch runs the server with LLMGENIE_BATCH=0 (one sequence per forward pass).
 
 Common: --model smollm2-135m --threads N (default: all cores) --binary target/release/llmgenie
 """
@@ -130,7 +131,7 @@ def percentile(xs, p):
 
 
 def concurrency(args):
-    srv = Server(args)
+    srv = Server(args, {"LLMGENIE_BATCH": "0"} if args.no_batch else {})
     topics = ["the sea", "a city at night", "a mountain", "an old library", "a robot",
               "the moon", "a garden", "a train journey"]
     try:
@@ -179,6 +180,7 @@ def main():
     ap.add_argument("--turns", type=int, default=6)
     ap.add_argument("--levels", default="1,2,4,8")
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--no-batch", action="store_true")
     args = ap.parse_args()
     if not Path(args.binary).is_file():
         sys.exit(f"{args.binary} is missing: cargo build --release first")

@@ -191,6 +191,8 @@ fn serve(
 ) {
     let mut active: Vec<Sequence<'_>> = Vec::new();
     let mut prefixes = PrefixCache::new(PREFIX_ENTRIES, prefix_cache_bytes());
+    // `LLMGENIE_BATCH=0` advances sequences one at a time (for comparisons).
+    let batching = std::env::var("LLMGENIE_BATCH").map_or(true, |v| v.trim() != "0");
     // Each token's text, built on the first JSON-mode request.
     let mut vocab: Option<Vec<Box<[u8]>>> = None;
     loop {
@@ -257,7 +259,7 @@ fn serve(
             .filter(|&i| !active[i].events.is_closed() && decoding(&active[i]))
             .collect();
         let mut batched: Vec<Option<Step>> = (0..active.len()).map(|_| None).collect();
-        if batch.len() >= 2 {
+        if batching && batch.len() >= 2 {
             stats.batched_steps.fetch_add(1, Ordering::Relaxed);
             stats
                 .batched_tokens
