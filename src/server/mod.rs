@@ -4,6 +4,7 @@
 //! invalid UTF-8 get the error shape each API's clients expect, then validate into
 //! [`run::ValidGenerate`]; everything after that trusts the type.
 
+mod claude_answer;
 pub mod error;
 mod guard;
 mod ollama;
