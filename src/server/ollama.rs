@@ -309,6 +309,7 @@ async fn respond(
                 (Some(last), true)
             }
             Some(Event::Error(e)) => {
+                job.unfinished = "error";
                 tracing::error!(error = %e, "generation failed mid-stream");
                 (Some(json!({"error": "generation failed"})), true)
             }

@@ -421,6 +421,7 @@ fn sse_stream(
                     return Some((out, (job, true)));
                 }
                 Some(Event::Error(e)) => {
+                    job.unfinished = "error";
                     tracing::error!(error = %e, "generation failed mid-stream");
                     return Some((
                         vec![

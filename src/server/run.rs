@@ -116,6 +116,9 @@ pub struct Job {
     pub request_id: String,
     /// The prompt text, when prompts are logged.
     pub log_prompt: Option<String>,
+    /// How the request ended if no answer was completed: `cancelled` (the client left) or
+    /// `error`.
+    pub unfinished: &'static str,
 }
 
 impl Drop for Job {
@@ -129,7 +132,7 @@ impl Drop for Job {
                 route = self.decision.route_str(),
                 task = self.decision.task.unwrap_or("unclassified"),
                 total_ms = self.started.elapsed().as_secs_f64() * 1e3,
-                status = "cancelled",
+                status = self.unfinished,
                 prompt = self.log_prompt.as_deref(),
                 "request"
             );
@@ -200,6 +203,7 @@ pub async fn start(state: &AppState, req: ValidGenerate) -> Result<Job, ApiError
         usd: None,
         request_id: String::new(),
         log_prompt: None,
+        unfinished: "cancelled",
     })
 }
 
@@ -225,6 +229,7 @@ impl Job {
             usd: None,
             request_id: String::new(),
             log_prompt: None,
+            unfinished: "cancelled",
         }
     }
 
@@ -370,14 +375,16 @@ pub async fn collect_until(
                 return Ok((done, false));
             }
             Some(Event::Error(e)) => {
+                job.unfinished = "error";
                 tracing::error!(error = %e, "generation failed");
                 return Err(ApiError::new(ErrorKind::Internal, "generation failed"));
             }
             None => {
+                job.unfinished = "error";
                 return Err(ApiError::new(
                     ErrorKind::Unavailable,
                     "the model stopped before the answer was complete",
-                ))
+                ));
             }
         }
     }
