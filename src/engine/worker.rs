@@ -258,20 +258,19 @@ fn serve(
         let batch: Vec<usize> = (0..active.len())
             .filter(|&i| !active[i].events.is_closed() && decoding(&active[i]))
             .collect();
+        let cx = Ctx {
+            weights,
+            tokenizer,
+            vocab: vocab.as_deref(),
+            meters,
+        };
         let mut batched: Vec<Option<Step>> = (0..active.len()).map(|_| None).collect();
         if batching && batch.len() >= 2 {
             stats.batched_steps.fetch_add(1, Ordering::Relaxed);
             stats
                 .batched_tokens
                 .fetch_add(batch.len() as u64, Ordering::Relaxed);
-            let steps = step_batch(
-                weights,
-                tokenizer,
-                vocab.as_deref(),
-                &mut active,
-                &batch,
-                meters,
-            );
+            let steps = step_batch(cx, &mut active, &batch);
             for (&i, step) in batch.iter().zip(steps) {
                 batched[i] = Some(step);
             }
@@ -284,15 +283,7 @@ fn serve(
             } else if seq.events.is_closed() {
                 Step::Cancelled
             } else {
-                match step(weights, tokenizer, vocab.as_deref(), seq, meters) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "generation failed");
-                        // The client may have left; the sequence ends either way.
-                        let _ = seq.events.send(Event::Error(e.to_string()));
-                        Step::Failed
-                    }
-                }
+                step(cx, seq).unwrap_or_else(|e| fail(seq, &e))
             };
             let counter = match outcome {
                 Step::Continue => return true,
@@ -327,6 +318,16 @@ fn serve(
     }
 }
 
+/// What a step needs besides the sequence: the model, its tokenizer, every token's bytes (for
+/// JSON mode, once built) and the metrics.
+#[derive(Clone, Copy)]
+struct Ctx<'a> {
+    weights: &'a Transformer,
+    tokenizer: &'a GgufTokenizer,
+    vocab: Option<&'a [Box<[u8]>]>,
+    meters: &'a Meters,
+}
+
 /// Every token's text as bytes; special tokens are empty (so JSON mode never picks them).
 fn token_bytes(tokenizer: &GgufTokenizer) -> Vec<Box<[u8]>> {
     (0..tokenizer.vocab_size() as u32)
@@ -340,26 +341,22 @@ fn token_bytes(tokenizer: &GgufTokenizer) -> Vec<Box<[u8]>> {
 }
 
 /// Advance one sequence by one prompt chunk or one generated token.
-fn step(
-    weights: &Transformer,
-    tokenizer: &GgufTokenizer,
-    vocab: Option<&[Box<[u8]>]>,
-    seq: &mut Sequence<'_>,
-    meters: &Meters,
-) -> Result<Step, EngineError> {
+fn step(cx: Ctx<'_>, seq: &mut Sequence<'_>) -> Result<Step, EngineError> {
     let prompt_len = seq.request.prompt.len();
     let end = if seq.evaluated < prompt_len {
         (seq.evaluated + PREFILL_CHUNK).min(prompt_len)
     } else {
         seq.tokens.len()
     };
-    let logits = weights.forward(&seq.tokens[seq.evaluated..end], &mut seq.cache)?;
+    let logits = cx
+        .weights
+        .forward(&seq.tokens[seq.evaluated..end], &mut seq.cache)?;
     seq.evaluated = end;
     if seq.evaluated < prompt_len {
         return Ok(Step::Continue);
     }
     let logits: Vec<f32> = logits.to_vec1().map_err(model::ModelError::from)?;
-    emit(weights, tokenizer, vocab, seq, &logits, meters)
+    emit(cx, seq, &logits)
 }
 
 /// Whether a sequence's next step is one generated token (it can join a batched step).
@@ -369,14 +366,7 @@ fn decoding(seq: &Sequence<'_>) -> bool {
 
 /// Advance the decoding sequences `which` (indices into `active`) by one token in one batched
 /// forward pass; returns each one's outcome, in the order of `which`.
-fn step_batch(
-    weights: &Transformer,
-    tokenizer: &GgufTokenizer,
-    vocab: Option<&[Box<[u8]>]>,
-    active: &mut [Sequence<'_>],
-    which: &[usize],
-    meters: &Meters,
-) -> Vec<Step> {
+fn step_batch(cx: Ctx<'_>, active: &mut [Sequence<'_>], which: &[usize]) -> Vec<Step> {
     let tokens: Vec<u32> = which
         .iter()
         .map(|&i| active[i].tokens[active[i].evaluated])
@@ -388,12 +378,7 @@ fn step_batch(
             .filter(|(i, _)| which.contains(i))
             .map(|(_, s)| &mut s.cache)
             .collect();
-        weights.forward_batch(&tokens, &mut caches)
-    };
-    let fail = |seq: &mut Sequence<'_>, e: &dyn std::fmt::Display| {
-        tracing::warn!(error = %e, "generation failed");
-        let _ = seq.events.send(Event::Error(e.to_string()));
-        Step::Failed
+        cx.weights.forward_batch(&tokens, &mut caches)
     };
     let logits = match logits {
         Ok(l) => l,
@@ -409,7 +394,7 @@ fn step_batch(
                 .get(row)
                 .and_then(|r| r.to_vec1::<f32>())
                 .map_err(|e| EngineError::from(model::ModelError::from(e)));
-            match row.and_then(|l| emit(weights, tokenizer, vocab, seq, &l, meters)) {
+            match row.and_then(|l| emit(cx, seq, &l)) {
                 Ok(step) => step,
                 Err(e) => fail(seq, &e),
             }
@@ -417,15 +402,21 @@ fn step_batch(
         .collect()
 }
 
+/// End a sequence on an error; the client may have left, the sequence ends either way.
+fn fail(seq: &mut Sequence<'_>, e: &dyn std::fmt::Display) -> Step {
+    tracing::warn!(error = %e, "generation failed");
+    let _ = seq.events.send(Event::Error(e.to_string()));
+    Step::Failed
+}
+
 /// Sample the next token from `logits`, send it, and say whether the sequence goes on.
-fn emit(
-    weights: &Transformer,
-    tokenizer: &GgufTokenizer,
-    vocab: Option<&[Box<[u8]>]>,
-    seq: &mut Sequence<'_>,
-    logits: &[f32],
-    meters: &Meters,
-) -> Result<Step, EngineError> {
+fn emit(cx: Ctx<'_>, seq: &mut Sequence<'_>, logits: &[f32]) -> Result<Step, EngineError> {
+    let Ctx {
+        weights,
+        tokenizer,
+        vocab,
+        meters,
+    } = cx;
     let sampled = match (&seq.json, vocab) {
         (Some(json), Some(vocab)) => {
             let mut allowed = |id: u32| vocab.get(id as usize).is_some_and(|b| json.accepts(b));

@@ -347,26 +347,8 @@ impl Transformer {
         ropes: &[(Tensor, Tensor)],
     ) -> Result<Tensor, ModelError> {
         let cfg = &self.cfg;
-        let (n, _, _) = x.dims3()?;
-        let project =
-            |w: &Linear, bias: &Option<Tensor>, heads: usize| -> candle_core::Result<Tensor> {
-                let mut t = w.forward(x)?;
-                if let Some(bias) = bias {
-                    t = t.broadcast_add(bias)?;
-                }
-                t.reshape((n, 1, heads, cfg.head_dim))?
-                    .transpose(1, 2)?
-                    .contiguous()
-            };
-        let mut q = project(&layer.wq, &layer.bq, cfg.n_heads)?;
-        let mut k = project(&layer.wk, &layer.bk, cfg.n_kv_heads)?;
-        let v = project(&layer.wv, &layer.bv, cfg.n_kv_heads)?;
-        if let Some(w) = &layer.q_norm {
-            q = candle_nn::ops::rms_norm(&q, w, cfg.rms_eps)?;
-        }
-        if let Some(w) = &layer.k_norm {
-            k = candle_nn::ops::rms_norm(&k, w, cfg.rms_eps)?;
-        }
+        let n = x.dim(0)?;
+        let (q, k, v) = self.qkv(layer, x)?;
         let group = cfg.n_heads / cfg.n_kv_heads;
         let mut outs = Vec::with_capacity(n);
         for (i, cache) in caches.iter_mut().enumerate() {
@@ -376,19 +358,7 @@ impl Transformer {
             let vi = v.narrow(0, i, 1)?;
             let pos = cache.len();
             let (k_all, v_all) = cache.append(index, &ki, &vi)?;
-            let total = pos + 1;
-            let start = match layer.window {
-                Some(w) if pos + 1 > w => pos + 1 - w,
-                _ => 0,
-            };
-            let (k_all, v_all) = if start > 0 {
-                (
-                    k_all.narrow(2, start, total - start)?,
-                    v_all.narrow(2, start, total - start)?,
-                )
-            } else {
-                (k_all, v_all)
-            };
+            let (k_all, v_all, _) = visible(layer, k_all, v_all, pos, pos + 1)?;
             let qi = qi.reshape((1, cfg.n_kv_heads, group, cfg.head_dim))?;
             let scores = (qi.matmul(&k_all.t()?)? * cfg.attn_scale)?;
             let probs = candle_nn::ops::softmax_last_dim(&scores)?;
@@ -439,16 +409,11 @@ impl Transformer {
         Ok((x + h)?)
     }
 
-    fn attention(
-        &self,
-        layer: &Layer,
-        index: usize,
-        x: &Tensor,
-        pass: &mut Pass<'_>,
-    ) -> Result<Tensor, ModelError> {
+    /// Queries, keys and values of `x` (`(b, seq, hidden)`), each `(b, heads, seq, head_dim)`,
+    /// with their biases and (Gemma) their norms applied.
+    fn qkv(&self, layer: &Layer, x: &Tensor) -> Result<(Tensor, Tensor, Tensor), ModelError> {
         let cfg = &self.cfg;
         let (b, seq_len, _) = x.dims3()?;
-        let pos = pass.pos;
         let project =
             |w: &Linear, bias: &Option<Tensor>, heads: usize| -> candle_core::Result<Tensor> {
                 let mut t = w.forward(x)?;
@@ -468,24 +433,25 @@ impl Transformer {
         if let Some(w) = &layer.k_norm {
             k = candle_nn::ops::rms_norm(&k, w, cfg.rms_eps)?;
         }
+        Ok((q, k, v))
+    }
+
+    fn attention(
+        &self,
+        layer: &Layer,
+        index: usize,
+        x: &Tensor,
+        pass: &mut Pass<'_>,
+    ) -> Result<Tensor, ModelError> {
+        let cfg = &self.cfg;
+        let (b, seq_len, _) = x.dims3()?;
+        let pos = pass.pos;
+        let (q, k, v) = self.qkv(layer, x)?;
         let (cos, sin) = self.rope(pass, layer.rope_base)?;
         let q = self.rotate(&q, &cos, &sin)?;
         let k = self.rotate(&k, &cos, &sin)?;
         let (k_all, v_all) = pass.cache.append(index, &k, &v)?;
-        let total = pos + seq_len;
-        // A sliding layer never looks further back than its window: drop older keys up front.
-        let start = match layer.window {
-            Some(w) if pos + 1 > w => pos + 1 - w,
-            _ => 0,
-        };
-        let (k_all, v_all) = if start > 0 {
-            (
-                k_all.narrow(2, start, total - start)?,
-                v_all.narrow(2, start, total - start)?,
-            )
-        } else {
-            (k_all, v_all)
-        };
+        let (k_all, v_all, start) = visible(layer, k_all, v_all, pos, pos + seq_len)?;
         // Grouped-query attention without copying keys: the `group` query heads that share a KV
         // head are consecutive, so (heads, seq) folds into (kv_heads, group * seq) rows.
         let group = cfg.n_heads / cfg.n_kv_heads;
@@ -586,6 +552,30 @@ impl Transformer {
         let sin = Tensor::from_vec(sin, (seq_len, half), &self.device)?;
         Ok((cos, sin))
     }
+}
+
+/// The stored keys and values (`total` positions, the new ones from `pos`) that this layer's
+/// queries may see, and the first of them: a sliding layer never looks further back than its
+/// window, so older keys are dropped up front.
+fn visible(
+    layer: &Layer,
+    k_all: Tensor,
+    v_all: Tensor,
+    pos: usize,
+    total: usize,
+) -> Result<(Tensor, Tensor, usize), ModelError> {
+    let start = match layer.window {
+        Some(w) if pos + 1 > w => pos + 1 - w,
+        _ => 0,
+    };
+    if start == 0 {
+        return Ok((k_all, v_all, 0));
+    }
+    Ok((
+        k_all.narrow(2, start, total - start)?,
+        v_all.narrow(2, start, total - start)?,
+        start,
+    ))
 }
 
 /// Additive mask `(seq_len, keys)` over keys `start..total` for queries at `pos..pos+seq_len`:

@@ -10,6 +10,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use super::jsonl::{self, JsonlError};
+
 /// The classes, in the order of the weight rows.
 pub const CLASSES: [&str; 8] = [
     "code",
@@ -28,16 +30,12 @@ pub const BUCKETS: usize = 1 << 16;
 /// Errors of loading, training or evaluating.
 #[derive(Debug, thiserror::Error)]
 pub enum ClassifierError {
+    #[error(transparent)]
+    Data(#[from] JsonlError),
     #[error("cannot read {path}: {source}")]
     Io {
         path: String,
         source: std::io::Error,
-    },
-    #[error("{path}:{line}: {message}")]
-    Data {
-        path: String,
-        line: usize,
-        message: String,
     },
     #[error("weights file {0} has the wrong size; retrain with `llmgenie train classifier`")]
     BadWeights(String),
@@ -172,36 +170,17 @@ fn softmax(z: &mut [f32]) {
 /// # Errors
 /// The file cannot be read, a line is not an example, or a label is unknown.
 pub fn read_examples(path: &Path) -> Result<Vec<Example>, ClassifierError> {
-    let p = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| ClassifierError::Io {
-        path: p.clone(),
-        source,
-    })?;
-    let mut out = Vec::new();
-    for (i, line) in text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-    {
-        let ex: Example = serde_json::from_str(line).map_err(|e| ClassifierError::Data {
-            path: p.clone(),
-            line: i + 1,
-            message: e.to_string(),
-        })?;
-        if !CLASSES.contains(&ex.task.as_str()) {
-            return Err(ClassifierError::Data {
-                path: p.clone(),
-                line: i + 1,
-                message: format!(
-                    "unknown task '{}'; classes: {}",
-                    ex.task,
-                    CLASSES.join(", ")
-                ),
-            });
+    Ok(jsonl::read(path, |ex: &Example| {
+        if CLASSES.contains(&ex.task.as_str()) {
+            Ok(())
+        } else {
+            Err(format!(
+                "unknown task '{}'; classes: {}",
+                ex.task,
+                CLASSES.join(", ")
+            ))
         }
-        out.push(ex);
-    }
-    Ok(out)
+    })?)
 }
 
 impl Classifier {

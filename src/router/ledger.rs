@@ -79,7 +79,8 @@ pub struct Report {
     pub by_task: BTreeMap<String, Totals>,
     /// Routed requests whose local answer was validated.
     pub validated: u64,
-    /// Requests sent to Claude (directly or after validation).
+    /// Requests sent to Claude (directly or after validation): `by_route["claude"]`'s count,
+    /// filled in by [`Ledger::report`].
     pub escalated: u64,
     /// Why requests were (to be) sent to Claude: validator reasons, `class_route`,
     /// `low_classifier_confidence`, `requested`; counted whether or not the escalation happened.
@@ -94,7 +95,6 @@ pub struct Report {
 #[derive(Debug, Clone, Default)]
 pub struct Outcome<'a> {
     pub validated: bool,
-    pub escalated: bool,
     pub reasons: &'a [String],
     pub not_escalated: Option<&'a str>,
     pub degraded: bool,
@@ -145,7 +145,6 @@ impl Ledger {
     pub fn note(&self, o: &Outcome<'_>) {
         let mut r = self.report.lock().unwrap_or_else(|e| e.into_inner());
         r.validated += u64::from(o.validated);
-        r.escalated += u64::from(o.escalated);
         r.degraded += u64::from(o.degraded);
         for reason in o.reasons {
             *r.escalation_reasons.entry(reason.clone()).or_default() += 1;
@@ -156,10 +155,13 @@ impl Ledger {
     }
 
     pub fn report(&self) -> Report {
-        self.report
+        let mut r = self
+            .report
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clone()
+            .clone();
+        r.escalated = r.by_route.get("claude").map_or(0, |t| t.requests);
+        r
     }
 }
 

@@ -4,6 +4,7 @@
 
 pub mod checks;
 pub mod classifier;
+pub mod jsonl;
 pub mod ledger;
 pub mod policy;
 pub mod validator;

@@ -12,6 +12,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::checks;
+use super::jsonl::{self, JsonlError};
 
 /// Why an answer is escalated; `as_str` is the stable label used in headers and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -284,22 +285,6 @@ fn script(text: &str) -> &'static str {
     }
 }
 
-/// Errors of reading a labelled set.
-#[derive(Debug, thiserror::Error)]
-pub enum LabelledError {
-    #[error("cannot read {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("{path}:{line}: {message}")]
-    Data {
-        path: String,
-        line: usize,
-        message: String,
-    },
-}
-
 /// One labelled answer: `{"prompt", "answer", "acceptable"}`, with what else is known about how
 /// it was produced.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -325,23 +310,8 @@ pub struct Labelled {
 ///
 /// # Errors
 /// The file cannot be read or a line is not a labelled answer.
-pub fn read_labelled(path: &Path) -> Result<Vec<Labelled>, LabelledError> {
-    let p = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| LabelledError::Io {
-        path: p.clone(),
-        source,
-    })?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            serde_json::from_str(l).map_err(|e| LabelledError::Data {
-                path: p.clone(),
-                line: i + 1,
-                message: e.to_string(),
-            })
-        })
-        .collect()
+pub fn read_labelled(path: &Path) -> Result<Vec<Labelled>, JsonlError> {
+    jsonl::read(path, |_: &Labelled| Ok(()))
 }
 
 /// How well `escalate` finds the unacceptable answers.

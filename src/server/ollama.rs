@@ -410,7 +410,7 @@ struct ShowRequest {
 pub async fn show(State(state): State<AppState>, body: Body) -> Result<Json<Value>, OllamaError> {
     let r: ShowRequest = parse_json(&body)?;
     let requested = if r.model.is_empty() { r.name } else { r.model };
-    let routed = requested.trim().trim_end_matches(":latest") == "auto";
+    let routed = routed::is_auto(&state, &requested);
     // `auto` is the router: it shows the local model it answers with.
     let (name, path) = state
         .registry

@@ -77,8 +77,6 @@ impl Routing {
 pub struct Decision {
     /// Where the answer the client gets came from.
     pub route: Route,
-    /// The request was routed (`auto`); otherwise it named its model.
-    pub routed: bool,
     pub task: Option<&'static str>,
     pub confidence: Option<f32>,
     /// The local answer was validated before it was returned.
@@ -99,7 +97,6 @@ impl Decision {
     pub fn local() -> Self {
         Self {
             route: Route::Local,
-            routed: false,
             task: None,
             confidence: None,
             validated: false,
@@ -126,7 +123,8 @@ impl Decision {
         };
         json!({
             "route": self.route_str(),
-            "routed": self.routed,
+            // Only routed (`auto`) requests are classified.
+            "routed": self.task.is_some(),
             "task": self.task,
             "confidence": self.confidence,
             "validated": self.validated,
@@ -179,19 +177,45 @@ pub fn user_text(prompt: &PromptInput) -> String {
     }
 }
 
+/// What a request's model name asks for.
+enum Wanted {
+    /// `auto`: classify and route.
+    Auto,
+    /// A Claude model (`claude` means the configured one).
+    Claude(String),
+    /// A local model (empty: the registry's default).
+    Local(String),
+}
+
+/// Read a model name (Ollama's `:latest` ignored; none means `default_model`).
+fn wanted(config: &RouterConfig, model: &str) -> Wanted {
+    let m = model.trim();
+    let m = m.strip_suffix(":latest").unwrap_or(m);
+    let m = if m.is_empty() {
+        config.default_model.as_str()
+    } else {
+        m
+    };
+    match m {
+        "auto" => Wanted::Auto,
+        "claude" => Wanted::Claude(config.claude_model.clone()),
+        c if c.starts_with("claude-") => Wanted::Claude(c.to_string()),
+        local => Wanted::Local(local.to_string()),
+    }
+}
+
+/// Whether a request's model name asks for the router (`auto`).
+pub fn is_auto(state: &AppState, model: &str) -> bool {
+    matches!(wanted(&state.routing.config, model), Wanted::Auto)
+}
+
 /// The local model a request's model name stands for: the router's local model for `auto`
 /// and Claude's names, the name itself otherwise.
 pub fn local_name(state: &AppState, model: &str) -> String {
-    let m = model.trim();
-    let m = m.strip_suffix(":latest").unwrap_or(m);
-    let routing = &state.routing.config;
-    let routed = m == "auto" || m == "claude" || m.starts_with("claude-");
-    if routed || (m.is_empty() && routing.default_model == "auto") {
-        routing.local_model.clone().unwrap_or_default()
-    } else if m.is_empty() {
-        routing.default_model.clone()
-    } else {
-        m.to_string()
+    let config = &state.routing.config;
+    match wanted(config, model) {
+        Wanted::Local(m) => m,
+        Wanted::Auto | Wanted::Claude(_) => config.local_model.clone().unwrap_or_default(),
     }
 }
 
@@ -205,37 +229,27 @@ pub async fn answer(
     stream: bool,
 ) -> Result<Job, ApiError> {
     let routing = state.routing.clone();
-    let requested = req.model.trim();
-    let requested = requested.strip_suffix(":latest").unwrap_or(requested);
-    let name = if requested.is_empty() {
-        routing.config.default_model.clone()
-    } else {
-        requested.to_string()
-    };
-    if name == "auto" {
-        return auto(state, req, stream).await;
-    }
-    if name == "claude" || name.starts_with("claude-") {
-        if !routing.claude.enabled() {
-            return Err(ApiError::new(
-                ErrorKind::Unavailable,
-                format!("model '{name}' needs Claude, and no Anthropic API key is configured (set ANTHROPIC_API_KEY)"),
-            ));
+    match wanted(&routing.config, &req.model) {
+        Wanted::Auto => auto(state, req, stream).await,
+        Wanted::Claude(model) => {
+            if !routing.claude.enabled() {
+                return Err(ApiError::new(
+                    ErrorKind::Unavailable,
+                    format!("model '{model}' needs Claude, and no Anthropic API key is configured (set ANTHROPIC_API_KEY)"),
+                ));
+            }
+            let decision = Decision {
+                reasons: vec!["requested".into()],
+                ..Decision::local()
+            };
+            let deadline = Instant::now() + routing.config.deadline();
+            to_claude(state, req, &model, decision, deadline, stream, None).await
         }
-        let model = if name == "claude" {
-            routing.config.claude_model.clone()
-        } else {
-            name
-        };
-        let decision = Decision {
-            reasons: vec!["requested".into()],
-            ..Decision::local()
-        };
-        let deadline = Instant::now() + routing.config.deadline();
-        return to_claude(state, req, &model, decision, deadline, stream, None).await;
+        Wanted::Local(model) => {
+            req.model = model;
+            run::start(state, req).await
+        }
     }
-    req.model = name;
-    run::start(state, req).await
 }
 
 /// Classify, plan, and carry the plan out.
@@ -246,7 +260,6 @@ async fn auto(state: &AppState, mut req: ValidGenerate, stream: bool) -> Result<
     let text = user_text(&req.prompt);
     let plan = routing.config.plan(&routing.classifier.classify(&text));
     let mut decision = Decision {
-        routed: true,
         task: Some(plan.task),
         confidence: Some(plan.confidence),
         ..Decision::local()
@@ -415,7 +428,6 @@ mod tests {
     #[test]
     fn decisions_render_headers_and_a_body_object() {
         let d = Decision {
-            routed: true,
             task: Some("extract"),
             confidence: Some(0.9),
             validated: true,

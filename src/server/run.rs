@@ -271,7 +271,6 @@ impl Job {
             }
             self.ledger.note(&Outcome {
                 validated: d.validated,
-                escalated: d.route == Route::Claude,
                 reasons: &d.reasons,
                 not_escalated: d.not_escalated,
                 degraded: d.degraded,
