@@ -2,6 +2,7 @@
 
 use std::process::{Command, Output};
 
+use crate::util::http::{self, start_stream};
 use crate::util::{model_path, reference, root, SMOLLM2};
 
 fn llmgenie(args: &[&str]) -> Output {
@@ -202,43 +203,9 @@ fn config_file_feeds_flags_and_rejects_unknown_keys_and_secrets() {
     }
 }
 
-/// `llmgenie serve` on a free port with extra flags; returns the process and the port once it
-/// accepts connections.
+/// `llmgenie serve` on a free port with extra flags, its stderr discarded.
 fn spawn_serve(extra: &[&str]) -> (std::process::Child, u16) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new(env!("CARGO_BIN_EXE_llmgenie"))
-        .args(["serve", "--port", &port.to_string()])
-        .args(extra)
-        .current_dir(root())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(std::time::Instant::now() < deadline, "server did not start");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    (child, port)
-}
-
-/// Start a streamed chat completion and wait for its first bytes.
-fn start_stream(port: u16, body: &str) -> std::net::TcpStream {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(
-        s,
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut first = [0u8; 32];
-    s.read_exact(&mut first).unwrap();
-    s
+    http::spawn_serve(extra, &[], std::process::Stdio::null())
 }
 
 fn sigterm(child: &std::process::Child) {
@@ -256,8 +223,10 @@ fn serve_finishes_in_flight_streams_on_sigterm_then_exits() {
     // machine is.
     let (mut child, port) = spawn_serve(&["--model", "smollm2-135m", "--shutdown-grace", "300"]);
     let mut s = start_stream(
-        port,
-        r#"{"model":"smollm2-135m","messages":[{"role":"user","content":"Write a long story about a dragon who learns to paint."}],"max_tokens":60,"temperature":0,"stream":true}"#,
+        ([127, 0, 0, 1], port).into(),
+        "/v1/chat/completions",
+        serde_json::json!({"model": "smollm2-135m", "max_tokens": 60, "temperature": 0, "stream": true,
+            "messages": [{"role": "user", "content": "Write a long story about a dragon who learns to paint."}]}),
     );
     sigterm(&child);
     // The stream already accepted runs to its end.
@@ -276,8 +245,10 @@ fn serve_finishes_in_flight_streams_on_sigterm_then_exits() {
 fn serve_stops_after_the_grace_period_even_with_a_stream_running() {
     let (mut child, port) = spawn_serve(&["--shutdown-grace", "1"]);
     let _s = start_stream(
-        port,
-        r#"{"model":"smollm2-135m","messages":[{"role":"user","content":"Write a long story."}],"max_tokens":5000,"stream":true}"#,
+        ([127, 0, 0, 1], port).into(),
+        "/v1/chat/completions",
+        serde_json::json!({"model": "smollm2-135m", "max_tokens": 5000, "stream": true,
+            "messages": [{"role": "user", "content": "Write a long story."}]}),
     );
     let signalled = std::time::Instant::now();
     sigterm(&child);

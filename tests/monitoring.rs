@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::util::http::{http, http_with, post};
+use crate::util::http::{free_port, http, http_with, post, spawn_serve, wait_for_port};
 use crate::util::root;
 
 fn tool(name: &str) -> Command {
@@ -45,37 +45,10 @@ impl Drop for Killed {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn wait_for_port(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "nothing listens on {port}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// `llmgenie serve` with `extra` flags, its stderr going to `log`.
+/// `llmgenie serve` with `extra` flags and `env`, its stderr going to `log`; killed when dropped.
 fn serve(extra: &[&str], log: &Path, env: &[(&str, &str)]) -> (Killed, u16) {
-    let port = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_llmgenie"))
-        .args(["serve", "--port", &port.to_string()])
-        .args(extra)
-        .envs(env.iter().copied())
-        .current_dir(root())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .unwrap();
-    let child = Killed(child);
-    wait_for_port(port);
-    (child, port)
+    let (child, port) = spawn_serve(extra, env, std::fs::File::create(log).unwrap().into());
+    (Killed(child), port)
 }
 
 fn addr(port: u16) -> std::net::SocketAddr {

@@ -11,7 +11,7 @@ use llmgenie::server::Limits;
 use serde_json::{json, Value};
 
 use crate::util::fake_claude::{self, message_json, stream_events, Fake, Reply};
-use crate::util::http::{http, post, TestServer};
+use crate::util::http::{http, post, Reply as HttpReply, TestServer};
 
 /// A server whose router escalates to `fake` (one retry, short backoffs, breaker after 3).
 fn routed_server(fake: &Fake, tweak: impl FnOnce(&mut RouterConfig)) -> TestServer {
@@ -49,6 +49,24 @@ fn chat(prompt: &str, max_tokens: u32, stream: bool) -> Value {
            "temperature": 0, "max_tokens": max_tokens, "stream": stream})
 }
 
+/// An `auto` chat completion to the server.
+fn ask(srv: &TestServer, prompt: &str, max_tokens: u32, stream: bool) -> HttpReply {
+    post(
+        srv.addr,
+        "/v1/chat/completions",
+        chat(prompt, max_tokens, stream),
+    )
+}
+
+/// The `llmgenie` object of a stream (in its last chunk that has one).
+fn stream_routing(objects: &[Value]) -> &Value {
+    &objects
+        .iter()
+        .rev()
+        .find(|o| o.get("llmgenie").is_some())
+        .expect("a chunk with the llmgenie object")["llmgenie"]
+}
+
 fn header<'a>(headers: &'a str, name: &str) -> Option<&'a str> {
     headers.lines().find_map(|l| {
         let (k, v) = l.split_once(':')?;
@@ -76,11 +94,7 @@ fn streamed_text(objects: &[Value]) -> String {
 fn an_answer_the_validator_accepts_stays_local() {
     let (fake, _rt) = fake_claude::start(vec![Reply::Json(message_json("unused"))]);
     let srv = routed_server(&fake, |_| {});
-    let r = post(
-        srv.addr,
-        "/v1/chat/completions",
-        chat(GOOD_EXTRACT, 80, false),
-    );
+    let r = ask(&srv, GOOD_EXTRACT, 80, false);
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(header(&r.headers, "x-llmgenie-route"), Some("local"));
     assert_eq!(header(&r.headers, "x-llmgenie-task"), Some("extract"));
@@ -96,11 +110,7 @@ fn an_answer_the_validator_accepts_stays_local() {
     assert_eq!(fake.calls(), 0, "nothing was sent to Claude");
 
     // Streamed: the validated answer is replayed token by token, the same text.
-    let r = post(
-        srv.addr,
-        "/v1/chat/completions",
-        chat(GOOD_EXTRACT, 80, true),
-    );
+    let r = ask(&srv, GOOD_EXTRACT, 80, true);
     assert_eq!(header(&r.headers, "x-llmgenie-route"), Some("local"));
     let objects = sse_objects(&r.body);
     assert_eq!(streamed_text(&objects), content);
@@ -119,11 +129,7 @@ fn a_failing_local_answer_is_escalated_streamed_or_not_and_the_ledger_adds_up() 
     ]);
     let srv = routed_server(&fake, |_| {});
     // Six tokens cannot hold the JSON: cut off, and not parseable.
-    let r = post(
-        srv.addr,
-        "/v1/chat/completions",
-        chat(GOOD_EXTRACT, 6, false),
-    );
+    let r = ask(&srv, GOOD_EXTRACT, 6, false);
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(header(&r.headers, "x-llmgenie-route"), Some("claude"));
     let reasons = header(&r.headers, "x-llmgenie-escalation-reason").unwrap();
@@ -146,20 +152,11 @@ fn a_failing_local_answer_is_escalated_streamed_or_not_and_the_ledger_adds_up() 
     }
 
     // Streamed: Claude's stream is passed through.
-    let r = post(
-        srv.addr,
-        "/v1/chat/completions",
-        chat(GOOD_EXTRACT, 6, true),
-    );
+    let r = ask(&srv, GOOD_EXTRACT, 6, true);
     assert_eq!(header(&r.headers, "x-llmgenie-route"), Some("claude"));
     let objects = sse_objects(&r.body);
     assert_eq!(streamed_text(&objects), "{\"name\": \"John\"}");
-    let last = objects
-        .iter()
-        .rev()
-        .find(|o| o.get("llmgenie").is_some())
-        .unwrap();
-    assert_eq!(last["llmgenie"]["route"], "claude");
+    assert_eq!(stream_routing(&objects)["route"], "claude");
     assert_eq!(fake.seen.lock().unwrap()[1].1["stream"], true);
 
     // Ollama's shape too.
@@ -176,11 +173,7 @@ fn a_failing_local_answer_is_escalated_streamed_or_not_and_the_ledger_adds_up() 
     assert_eq!(fake.calls(), 3);
 
     // A greeting the model handles stays local: one local, three Claude answers in the ledger.
-    let r = post(
-        srv.addr,
-        "/v1/chat/completions",
-        chat(GOOD_EXTRACT, 80, false),
-    );
+    let r = ask(&srv, GOOD_EXTRACT, 80, false);
     assert_eq!(header(&r.headers, "x-llmgenie-route"), Some("local"));
     let saved = r.json()["llmgenie"]["saved_usd"].as_f64().unwrap();
     let stats = http(srv.addr, "GET", "/v1/stats", b"").json();
@@ -203,14 +196,11 @@ fn a_failing_local_answer_is_escalated_streamed_or_not_and_the_ledger_adds_up() 
 fn classes_routed_to_claude_skip_the_local_model_and_claude_names_pass_through() {
     let (fake, _rt) = fake_claude::start(vec![Reply::Json(message_json("def f(): pass"))]);
     let srv = routed_server(&fake, |_| {});
-    let r = post(
-        srv.addr,
-        "/v1/chat/completions",
-        chat(
-            "Write a Python function that returns the n-th Fibonacci number.",
-            100,
-            false,
-        ),
+    let r = ask(
+        &srv,
+        "Write a Python function that returns the n-th Fibonacci number.",
+        100,
+        false,
     );
     assert_eq!(header(&r.headers, "x-llmgenie-task"), Some("code"));
     assert_eq!(header(&r.headers, "x-llmgenie-route"), Some("claude"));
@@ -248,11 +238,7 @@ fn when_claude_fails_the_local_answer_is_returned_degraded_then_the_breaker_open
     let srv = routed_server(&fake, |_| {});
     let started = Instant::now();
     for i in 0..3 {
-        let r = post(
-            srv.addr,
-            "/v1/chat/completions",
-            chat(GOOD_EXTRACT, 6, false),
-        );
+        let r = ask(&srv, GOOD_EXTRACT, 6, false);
         assert_eq!(r.status, 200, "{}", r.body);
         assert_eq!(header(&r.headers, "x-llmgenie-route"), Some("local"));
         assert_eq!(header(&r.headers, "x-llmgenie-degraded"), Some("true"));
@@ -270,11 +256,7 @@ fn when_claude_fails_the_local_answer_is_returned_degraded_then_the_breaker_open
     }
     assert!(started.elapsed() < Duration::from_secs(60));
     // Three failed requests opened the breaker: no call, the local answer, marked.
-    let r = post(
-        srv.addr,
-        "/v1/chat/completions",
-        chat(GOOD_EXTRACT, 6, true),
-    );
+    let r = ask(&srv, GOOD_EXTRACT, 6, true);
     assert_eq!(r.status, 200);
     assert_eq!(
         header(&r.headers, "x-llmgenie-not-escalated"),
@@ -298,11 +280,7 @@ fn the_deadline_bounds_escalation_and_streams_can_skip_validation() {
     )]);
     let srv = routed_server(&fake, |c| c.deadline_secs = 5.0);
     let started = Instant::now();
-    let r = post(
-        srv.addr,
-        "/v1/chat/completions",
-        chat(GOOD_EXTRACT, 6, false),
-    );
+    let r = ask(&srv, GOOD_EXTRACT, 6, false);
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["llmgenie"]["degraded"], true);
     assert!(started.elapsed() < Duration::from_secs(5));
@@ -310,19 +288,10 @@ fn the_deadline_bounds_escalation_and_streams_can_skip_validation() {
 
     let (fake, _rt2) = fake_claude::start(vec![Reply::Json(message_json("unused"))]);
     let srv = routed_server(&fake, |c| c.stream_local_immediately = true);
-    let r = post(
-        srv.addr,
-        "/v1/chat/completions",
-        chat(GOOD_EXTRACT, 6, true),
-    );
+    let r = ask(&srv, GOOD_EXTRACT, 6, true);
     assert_eq!(header(&r.headers, "x-llmgenie-route"), Some("local"));
     let objects = sse_objects(&r.body);
-    let routing = &objects
-        .iter()
-        .rev()
-        .find(|o| o.get("llmgenie").is_some())
-        .unwrap()["llmgenie"];
-    assert_eq!(routing["validated"], false);
+    assert_eq!(stream_routing(&objects)["validated"], false);
     assert_eq!(fake.calls(), 0, "never escalated mid-stream");
 }
 
@@ -336,11 +305,7 @@ fn without_a_key_claude_models_are_refused_and_auto_stays_local() {
     );
     assert_eq!(r.status, 503, "{}", r.body);
     assert!(r.body.contains("ANTHROPIC_API_KEY"), "{}", r.body);
-    let r = post(
-        srv.addr,
-        "/v1/chat/completions",
-        chat(GOOD_EXTRACT, 6, false),
-    );
+    let r = ask(&srv, GOOD_EXTRACT, 6, false);
     assert_eq!(r.status, 200);
     assert_eq!(
         header(&r.headers, "x-llmgenie-not-escalated"),
@@ -370,21 +335,13 @@ fn a_claude_stream_that_fails_before_its_text_degrades_and_after_it_ends_in_an_e
     let (fake, _rt) = fake_claude::start(vec![Reply::Sse(opening_only), Reply::Sse(failing)]);
     let srv = routed_server(&fake, |c| c.claude_retries = 0);
     // Cut before any text: nothing reached the client yet, so the local answer is streamed.
-    let r = post(
-        srv.addr,
-        "/v1/chat/completions",
-        chat(GOOD_EXTRACT, 6, true),
-    );
+    let r = ask(&srv, GOOD_EXTRACT, 6, true);
     assert_eq!(header(&r.headers, "x-llmgenie-route"), Some("local"));
     assert_eq!(header(&r.headers, "x-llmgenie-degraded"), Some("true"));
     let objects = sse_objects(&r.body);
     assert!(!streamed_text(&objects).is_empty());
     // An error after text: the text already sent stands, and the stream ends with an error.
-    let r = post(
-        srv.addr,
-        "/v1/chat/completions",
-        chat(GOOD_EXTRACT, 6, true),
-    );
+    let r = ask(&srv, GOOD_EXTRACT, 6, true);
     assert_eq!(header(&r.headers, "x-llmgenie-route"), Some("claude"));
     let objects = sse_objects(&r.body);
     assert_eq!(streamed_text(&objects), "Half an ans");
@@ -404,7 +361,7 @@ fn a_prompt_too_long_for_the_local_model_goes_to_claude() {
         "Summarize this: {}",
         "the quick brown fox jumps. ".repeat(1800)
     );
-    let r = post(srv.addr, "/v1/chat/completions", chat(&prompt, 50, false));
+    let r = ask(&srv, &prompt, 50, false);
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(header(&r.headers, "x-llmgenie-route"), Some("claude"));
     assert_eq!(

@@ -195,7 +195,7 @@ pub fn start_stream(addr: SocketAddr, path: &str, body: Value) -> TcpStream {
     let body = body.to_string();
     write!(
         s,
-        "POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )
     .unwrap();
@@ -206,4 +206,43 @@ pub fn start_stream(addr: SocketAddr, path: &str, body: Value) -> TcpStream {
 
 pub fn post(addr: SocketAddr, path: &str, body: Value) -> Reply {
     http(addr, "POST", path, body.to_string().as_bytes())
+}
+
+/// A free TCP port on 127.0.0.1 (free when asked; good enough for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Wait (up to a minute) until something accepts connections on `port`.
+pub fn wait_for_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The built `llmgenie serve` on a free port with `extra` flags and `env`, its stderr to
+/// `stderr`; returns the process and the port once it accepts connections.
+pub fn spawn_serve(
+    extra: &[&str],
+    env: &[(&str, &str)],
+    stderr: std::process::Stdio,
+) -> (std::process::Child, u16) {
+    let port = free_port();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_llmgenie"))
+        .args(["serve", "--port", &port.to_string()])
+        .args(extra)
+        .envs(env.iter().copied())
+        .current_dir(root())
+        .stdout(std::process::Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    wait_for_port(port);
+    (child, port)
 }
