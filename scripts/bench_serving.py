@@ -11,6 +11,12 @@
       tokens/s, median and p95 time to first token and inter-token latency per level.
       --no-batch runs the server with LLMGENIE_BATCH=0 (one sequence per forward pass).
 
+  scripts/bench_serving.py routing [--runs 3] [--tokens 64]
+      What validating before streaming costs: the same prompts pinned to the local model and as
+      `auto` (answered locally and validated before the first token is sent; the server has no
+      ANTHROPIC_API_KEY, so nothing escalates), alternating, greedy. Prints median time to the
+      first token and to the end.
+
 Common: --model smollm2-135m --threads N (default: all cores) --binary target/release/llmgenie
 """
 
@@ -171,20 +177,54 @@ def concurrency(args):
         srv.stop()
 
 
+ROUTING_PROMPTS = [
+    "What is the capital of Canada?",
+    "Summarize in one sentence: The library will close early on Friday for staff training and "
+    "reopen on Saturday at the usual time.",
+    "Extract the name and the city as JSON: Maria lives in Lisbon.",
+    "Write a two-line poem about autumn leaves.",
+    "Who wrote Pride and Prejudice?",
+]
+
+
+def routing(args):
+    srv = Server(args)
+    try:
+        results = {args.model: ([], []), "auto": ([], [])}
+        for _ in range(args.runs):
+            for p in ROUTING_PROMPTS:
+                for model in (args.model, "auto"):
+                    ttft, times, _, _ = stream(srv.url, {
+                        "model": model, "messages": [{"role": "user", "content": p}],
+                        "temperature": 0, "max_tokens": args.tokens})
+                    results[model][0].append(ttft)
+                    results[model][1].append(times[-1] if times else ttft)
+        print(f"{'model':<14} {'first token ms':>15} {'last token ms':>14}")
+        for model, (ttft, total) in results.items():
+            print(f"{model:<14} {statistics.median(ttft) * 1e3:>15.0f} "
+                  f"{statistics.median(total) * 1e3:>14.0f}")
+        print(json.dumps({m: {"ttft_ms": statistics.median(t) * 1e3,
+                              "last_token_ms": statistics.median(w) * 1e3}
+                          for m, (t, w) in results.items()}))
+    finally:
+        srv.stop()
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["chat", "concurrency"])
+    ap.add_argument("what", choices=["chat", "concurrency", "routing"])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--binary", default=str(ROOT / "target/release/llmgenie"))
     ap.add_argument("--turns", type=int, default=6)
     ap.add_argument("--levels", default="1,2,4,8")
+    ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--no-batch", action="store_true")
     args = ap.parse_args()
     if not Path(args.binary).is_file():
         sys.exit(f"{args.binary} is missing: cargo build --release first")
-    {"chat": chat, "concurrency": concurrency}[args.what](args)
+    {"chat": chat, "concurrency": concurrency, "routing": routing}[args.what](args)
 
 
 if __name__ == "__main__":
