@@ -156,6 +156,42 @@ fn bench_json_has_the_documented_keys() {
 }
 
 #[test]
+fn bench_batch_reports_each_batch_size() {
+    let out = llmgenie(&[
+        "bench",
+        "--model",
+        "smollm2",
+        "--prompt-tokens",
+        "8",
+        "--gen-tokens",
+        "3",
+        "--runs",
+        "1",
+        "--batch",
+        "1,3",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    let points = v["points"].as_array().unwrap();
+    let sizes: Vec<u64> = points
+        .iter()
+        .map(|p| p["sequences"].as_u64().unwrap())
+        .collect();
+    assert_eq!(sizes, [1, 3]);
+    assert_eq!(points[0]["speedup"].as_f64(), Some(1.0));
+    for p in points {
+        for key in ["tokens_per_s", "step_ms", "speedup"] {
+            assert!(p[key].as_f64().is_some_and(|x| x > 0.0), "{key} in {p}");
+        }
+    }
+    // A batch of no sequences is refused with a message, not a crash.
+    let out = llmgenie(&["bench", "--model", "smollm2", "--batch", "0"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("at least 1"), "{}", stderr(&out));
+}
+
+#[test]
 fn config_file_feeds_flags_and_rejects_unknown_keys_and_secrets() {
     let dir = tempfile::tempdir().unwrap();
     let empty = dir.path().join("empty-models");

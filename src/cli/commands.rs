@@ -34,6 +34,14 @@ fn catalog(dir: Option<PathBuf>) -> Result<Catalog> {
 }
 
 pub(super) fn set_threads(threads: Option<usize>) -> Result<()> {
+    let threads = threads.or_else(|| {
+        // Without the variable, candle works out its default thread count (physical cores,
+        // from /proc/cpuinfo) again at every operation: ~150 file reads per decode step.
+        // Work it out once and pin it.
+        std::env::var("RAYON_NUM_THREADS")
+            .is_err()
+            .then(candle_core::utils::get_num_threads)
+    });
     if let Some(n) = threads {
         if n == 0 {
             bail!("--threads must be at least 1");
@@ -194,6 +202,25 @@ fn bench(args: BenchArgs) -> Result<()> {
         gen_tokens: args.gen_tokens,
         runs: args.runs,
     };
+    if !args.batch.is_empty() {
+        let report = llmgenie::bench::batch::run(&path, &name, &device, &args.batch, &cfg)?;
+        if args.json {
+            println!("{}", serde_json::to_string(&report)?);
+            return Ok(());
+        }
+        println!(
+            "model {}, {} threads, {}-token prompts, {} tokens each, median of {} runs",
+            report.model, report.threads, report.prompt_tokens, report.gen_tokens, report.runs
+        );
+        println!("sequences  tokens/s  step ms  vs one");
+        for p in &report.points {
+            println!(
+                "{:>9}  {:>8.1}  {:>7.1}  {:>5.2}x",
+                p.sequences, p.tokens_per_s, p.step_ms, p.speedup
+            );
+        }
+        return Ok(());
+    }
     let report = llmgenie::bench::run(&path, &name, &device, &cfg)?;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);

@@ -287,6 +287,10 @@ pub struct BenchArgs {
     pub gen_tokens: usize,
     #[arg(long, default_value_t = 5)]
     pub runs: usize,
+    /// Measure batched decoding instead: aggregate tokens/s with this many sequences decoded
+    /// together, for each comma-separated count (e.g. 1,2,4,8).
+    #[arg(long, value_delimiter = ',')]
+    pub batch: Vec<usize>,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,

@@ -23,6 +23,27 @@ pub struct Linear {
     dense: Option<(Arc<QTensor>, GgmlDType)>,
 }
 
+/// `x` as `rows` rows of `k`, quantized to `dtype`. `QTensor::quantize` reads a tensor's
+/// storage from its start, whatever the view's offset, so a view into a larger tensor (a row
+/// narrowed out of a batch) is copied into storage of its own first.
+pub(super) fn quantize_rows(
+    x: &Tensor,
+    rows: usize,
+    k: usize,
+    dtype: GgmlDType,
+) -> candle_core::Result<QTensor> {
+    let flat = x.reshape((rows, k))?.contiguous()?;
+    if flat.layout().start_offset() == 0 {
+        return QTensor::quantize(&flat, dtype);
+    }
+    let values = flat
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let own = Tensor::from_vec(values, (rows, k), x.device())?;
+    QTensor::quantize(&own, dtype)
+}
+
 /// The format ggml quantizes activations to for a dot product with weights of type `t`.
 fn vec_dot_type(t: GgmlDType) -> Option<GgmlDType> {
     use GgmlDType::*;
@@ -52,8 +73,7 @@ impl Linear {
         match &self.dense {
             Some((w, act)) if rows >= DENSE_MIN_ROWS && k % act.block_size() == 0 => {
                 let device = x.device();
-                let flat = x.reshape((rows, k))?;
-                let xq = QTensor::quantize(&flat, *act)?.dequantize(device)?;
+                let xq = quantize_rows(x, rows, k, *act)?.dequantize(device)?;
                 let w = w.dequantize(device)?;
                 let y = xq.matmul(&w.t()?)?;
                 let mut shape = x.dims().to_vec();

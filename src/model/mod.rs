@@ -4,6 +4,7 @@
 //! allocate wildly on a malformed one); only then does candle read the tensors.
 
 mod cache;
+mod decode_attn;
 mod device;
 mod linear;
 mod q4_1;

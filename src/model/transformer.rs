@@ -22,6 +22,7 @@ use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor, D};
 
 use super::cache::KvCache;
+use super::decode_attn;
 use super::linear::Linear;
 use super::ModelError;
 
@@ -308,25 +309,31 @@ impl Transformer {
         if self.cfg.scale_embeddings {
             x = (x * (self.cfg.hidden as f64).sqrt())?;
         }
-        // Rope tables per sequence and base, built once per step.
-        let mut ropes: Vec<(f32, Vec<(Tensor, Tensor)>)> = Vec::new();
+        // Rope tables per base, built once per step: `(n, 1, rope_dims / 2)`, one row per
+        // sequence at its own position, so the whole batch rotates in one operation.
+        let mut ropes: Vec<(f32, (Tensor, Tensor))> = Vec::new();
         for layer in &self.layers {
             if ropes.iter().all(|(b, _)| *b != layer.rope_base) {
-                let tables = caches
-                    .iter()
-                    .map(|c| self.rope_tables(layer.rope_base, c.len(), 1))
-                    .collect::<Result<Vec<_>, _>>()?;
-                ropes.push((layer.rope_base, tables));
+                let (mut cos, mut sin) = (Vec::with_capacity(n), Vec::with_capacity(n));
+                for c in caches.iter() {
+                    let (c, s) = self.rope_tables(layer.rope_base, c.len(), 1)?;
+                    cos.push(c);
+                    sin.push(s);
+                }
+                let half = self.cfg.rope_dims / 2;
+                let cos = Tensor::cat(&cos, 0)?.reshape((n, 1, half))?;
+                let sin = Tensor::cat(&sin, 0)?.reshape((n, 1, half))?;
+                ropes.push((layer.rope_base, (cos, sin)));
             }
         }
         for (i, layer) in self.layers.iter().enumerate() {
-            let tables = ropes
+            let (cos, sin) = ropes
                 .iter()
                 .find(|(b, _)| *b == layer.rope_base)
-                .map(|(_, t)| t.as_slice())
+                .map(|(_, t)| t)
                 .ok_or(ModelError::Internal("rope tables missing"))?;
             x = self.block_with(layer, &x, |h| {
-                self.attention_batch(layer, i, h, caches, tables)
+                self.attention_batch(layer, i, h, caches, cos, sin)
             })?;
         }
         for c in caches.iter_mut() {
@@ -337,38 +344,57 @@ impl Transformer {
         Ok(logits.reshape((n, ()))?.to_dtype(DType::F32)?)
     }
 
-    /// Attention for one new token per sequence, each over its own cache.
+    /// Attention for one new token per sequence, each over its own cache. `cos`, `sin` hold one
+    /// row per sequence.
     fn attention_batch(
         &self,
         layer: &Layer,
         index: usize,
         x: &Tensor,
         caches: &mut [&mut KvCache],
-        ropes: &[(Tensor, Tensor)],
+        cos: &Tensor,
+        sin: &Tensor,
     ) -> Result<Tensor, ModelError> {
         let cfg = &self.cfg;
-        let n = x.dim(0)?;
         let (q, k, v) = self.qkv(layer, x)?;
-        let group = cfg.n_heads / cfg.n_kv_heads;
-        let mut outs = Vec::with_capacity(n);
+        let q = self.rotate(&q, cos, sin)?;
+        let k = self.rotate(&k, cos, sin)?;
+        let mut kv = Vec::with_capacity(caches.len());
         for (i, cache) in caches.iter_mut().enumerate() {
-            let (cos, sin) = &ropes[i];
-            let qi = self.rotate(&q.narrow(0, i, 1)?, cos, sin)?;
-            let ki = self.rotate(&k.narrow(0, i, 1)?, cos, sin)?;
-            let vi = v.narrow(0, i, 1)?;
             let pos = cache.len();
-            let (k_all, v_all) = cache.append(index, &ki, &vi)?;
+            let (k_all, v_all) = cache.append(index, &k.narrow(0, i, 1)?, &v.narrow(0, i, 1)?)?;
             let (k_all, v_all, _) = visible(layer, k_all, v_all, pos, pos + 1)?;
-            let qi = qi.reshape((1, cfg.n_kv_heads, group, cfg.head_dim))?;
+            kv.push((k_all, v_all));
+        }
+        if decode_attn::applies(&self.device, q.dtype()) {
+            let out = decode_attn::attend(&q, &kv, &self.heads())?;
+            return Ok(layer.wo.forward(&out)?);
+        }
+        let group = cfg.n_heads / cfg.n_kv_heads;
+        let mut outs = Vec::with_capacity(kv.len());
+        for (i, (k_all, v_all)) in kv.iter().enumerate() {
+            let qi = q
+                .narrow(0, i, 1)?
+                .reshape((1, cfg.n_kv_heads, group, cfg.head_dim))?;
             let scores = (qi.matmul(&k_all.t()?)? * cfg.attn_scale)?;
             let probs = candle_nn::ops::softmax_last_dim(&scores)?;
             let out = probs
-                .matmul(&v_all)?
+                .matmul(v_all)?
                 .reshape((1, 1, cfg.n_heads * cfg.head_dim))?;
             outs.push(out);
         }
         let out = Tensor::cat(&outs, 0)?;
         Ok(layer.wo.forward(&out)?)
+    }
+
+    /// The head shapes, for the CPU decode attention.
+    fn heads(&self) -> decode_attn::Heads {
+        decode_attn::Heads {
+            n_heads: self.cfg.n_heads,
+            n_kv_heads: self.cfg.n_kv_heads,
+            head_dim: self.cfg.head_dim,
+            scale: self.cfg.attn_scale as f32,
+        }
     }
 
     fn block(
@@ -452,6 +478,11 @@ impl Transformer {
         let k = self.rotate(&k, &cos, &sin)?;
         let (k_all, v_all) = pass.cache.append(index, &k, &v)?;
         let (k_all, v_all, start) = visible(layer, k_all, v_all, pos, pos + seq_len)?;
+        if b == 1 && seq_len == 1 && decode_attn::applies(&self.device, q.dtype()) {
+            // One new token: the same attention as a batched step's.
+            let out = decode_attn::attend(&q, &[(k_all, v_all)], &self.heads())?;
+            return Ok(layer.wo.forward(&out)?);
+        }
         // Grouped-query attention without copying keys: the `group` query heads that share a KV
         // head are consecutive, so (heads, seq) folds into (kv_heads, group * seq) rows.
         let group = cfg.n_heads / cfg.n_kv_heads;

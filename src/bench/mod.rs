@@ -8,7 +8,10 @@ use serde::Serialize;
 
 use crate::model::{self, ModelError};
 use crate::sampler::{Sampler, SamplingParams};
+use crate::tokenizer::GgufTokenizer as Tokenizer;
 use crate::vocab;
+
+pub mod batch;
 
 /// Errors of a benchmark run.
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +28,8 @@ pub enum BenchError {
     },
     #[error("runs must be at least 1")]
     NoRuns,
+    #[error("each batch size must be at least 1")]
+    EmptyBatch,
 }
 
 /// What to measure.
@@ -68,6 +73,23 @@ pub fn peak_rss_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// A prompt of exactly `tokens` tokens of filler text, starting `offset` tokens into it (so
+/// that several prompts differ).
+fn filler_prompt(
+    tokenizer: &Tokenizer,
+    tokens: usize,
+    offset: usize,
+) -> Result<Vec<u32>, BenchError> {
+    let filler = tokenizer.encode(FILLER, false)?;
+    let mut prompt = Vec::with_capacity(tokens + offset);
+    while prompt.len() < tokens + offset {
+        prompt.extend_from_slice(&filler);
+    }
+    prompt.drain(..offset);
+    prompt.truncate(tokens);
+    Ok(prompt)
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     match v.len() {
@@ -105,12 +127,7 @@ pub fn run(
             });
         }
         let tokenizer = vocab::tokenizer_from_gguf(&loaded.file)?;
-        let mut prompt = Vec::with_capacity(cfg.prompt_tokens);
-        let filler = tokenizer.encode(FILLER, false)?;
-        while prompt.len() < cfg.prompt_tokens {
-            prompt.extend_from_slice(&filler);
-        }
-        prompt.truncate(cfg.prompt_tokens);
+        let prompt = filler_prompt(&tokenizer, cfg.prompt_tokens, 0)?;
         let weights = &loaded.weights;
         let mut cache = weights.new_cache();
         let t1 = Instant::now();
