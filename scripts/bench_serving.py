@@ -11,6 +11,13 @@
       tokens/s, median and p95 time to first token and inter-token latency per level.
       --no-batch runs the server with LLMGENIE_BATCH=0 (one sequence per forward pass).
 
+  scripts/bench_serving.py mixed [--streams 4] [--stream-tokens 300] [--prompt-words 900]
+                                 [--prefill-chunk N]
+      A long prompt arrives while N streams are generating. Prints the long request's time to
+      first token and the streams' inter-token latency (median, p95, worst) while it was being
+      read. --prefill-chunk sets LLMGENIE_PREFILL_CHUNK (prompt tokens per step while others
+      generate; the server's default is 32, 512 reads the prompt in one go).
+
   scripts/bench_serving.py routing [--runs 3] [--tokens 64]
       What validating before streaming costs: the same prompts pinned to the local model and as
       `auto` (answered locally and validated before the first token is sent; the server has no
@@ -177,6 +184,70 @@ def concurrency(args):
         srv.stop()
 
 
+def mixed(args):
+    env = {"LLMGENIE_PREFILL_CHUNK": str(args.prefill_chunk)} if args.prefill_chunk else {}
+    srv = Server(args, env)
+    topics = ["the sea", "a city at night", "a mountain", "an old library", "a robot",
+              "the moon", "a garden", "a train journey"]
+    try:
+        stream(srv.url, {"model": args.model, "messages": [{"role": "user", "content": "Hi"}],
+                         "max_tokens": 4})
+        results = [None] * args.streams
+        base = {}
+
+        def one(i):
+            body = {"model": args.model, "temperature": 0, "max_tokens": args.stream_tokens,
+                    "messages": [{"role": "user", "content":
+                                  f"Write a long, detailed story about {topics[i % len(topics)]} "
+                                  f"(version {i})."}]}
+            offset = time.perf_counter() - base["start"]
+            results[i] = (offset, stream(srv.url, body))
+
+        long_text = " ".join(f"Item {i}: the weather was mild and the market was busy."
+                             for i in range(args.prompt_words // 10))
+        long_result = {}
+
+        def long_one():
+            body = {"model": args.model, "temperature": 0, "max_tokens": 8,
+                    "messages": [{"role": "user",
+                                  "content": long_text + "\nSummarise the list in one line."}]}
+            sent = time.perf_counter()
+            ttft, _, _, usage = stream(srv.url, body)
+            long_result.update(sent=sent - base["start"], ttft=ttft,
+                               prompt_tokens=(usage or {}).get("prompt_tokens", 0))
+
+        base["start"] = time.perf_counter()
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(args.streams)]
+        for t in threads:
+            t.start()
+        time.sleep(args.delay)
+        lt = threading.Thread(target=long_one)
+        lt.start()
+        for t in threads + [lt]:
+            t.join()
+        # Streams' gaps that overlap the long prompt's reading (sent .. first token).
+        lo = long_result["sent"]
+        hi = lo + long_result["ttft"]
+        gaps = []
+        for offset, r in results:
+            times = [offset + t for t in r[1]]
+            for a, b in zip(times, times[1:]):
+                if b >= lo and a <= hi:
+                    gaps.append(b - a)
+        row = {"streams": args.streams, "long_prompt_tokens": long_result["prompt_tokens"],
+               "long_ttft_ms": long_result["ttft"] * 1e3,
+               "itl_p50_ms": percentile(gaps, 50) * 1e3, "itl_p95_ms": percentile(gaps, 95) * 1e3,
+               "itl_max_ms": max(gaps, default=0.0) * 1e3,
+               "prefill_chunk": args.prefill_chunk or "default"}
+        print(f"{'streams':>7} {'long prompt':>11} {'its TTFT ms':>11} {'ITL p50 ms':>11} "
+              f"{'ITL p95 ms':>11} {'ITL max ms':>11}")
+        print(f"{row['streams']:>7} {row['long_prompt_tokens']:>11} {row['long_ttft_ms']:>11.0f} "
+              f"{row['itl_p50_ms']:>11.1f} {row['itl_p95_ms']:>11.1f} {row['itl_max_ms']:>11.1f}")
+        print(json.dumps(row))
+    finally:
+        srv.stop()
+
+
 ROUTING_PROMPTS = [
     "What is the capital of Canada?",
     "Summarize in one sentence: The library will close early on Friday for staff training and "
@@ -212,7 +283,7 @@ def routing(args):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["chat", "concurrency", "routing"])
+    ap.add_argument("what", choices=["chat", "concurrency", "mixed", "routing"])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--binary", default=str(ROOT / "target/release/llmgenie"))
@@ -221,10 +292,16 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--no-batch", action="store_true")
+    ap.add_argument("--streams", type=int, default=4)
+    ap.add_argument("--prompt-words", type=int, default=900)
+    ap.add_argument("--stream-tokens", type=int, default=300)
+    ap.add_argument("--prefill-chunk", type=int, default=0)
+    ap.add_argument("--delay", type=float, default=2.0,
+                    help="seconds between the streams starting and the long prompt (mixed)")
     args = ap.parse_args()
     if not Path(args.binary).is_file():
         sys.exit(f"{args.binary} is missing: cargo build --release first")
-    {"chat": chat, "concurrency": concurrency, "routing": routing}[args.what](args)
+    {"chat": chat, "concurrency": concurrency, "mixed": mixed, "routing": routing}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -179,8 +179,20 @@ async fn load_only(
     drop(lease);
     if unload {
         let registry = state.registry.clone();
-        // Unloading joins the model's thread: off the async workers.
-        let _ = tokio::task::spawn_blocking(move || registry.reap()).await;
+        let target = name.clone();
+        // Unloading joins the model's thread: off the async workers. A model still in use (a
+        // request in flight, or a moment's reference from a metrics scrape) is unloaded once
+        // it is idle: wait briefly for that, then leave it to the background reaper.
+        let _ = tokio::task::spawn_blocking(move || {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+            while !registry.reap().contains(&target)
+                && registry.resident().iter().any(|r| r.name == target)
+                && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        })
+        .await;
     }
     let reason = if unload { "unload" } else { "load" };
     let mut body =
