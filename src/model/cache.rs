@@ -1,7 +1,10 @@
 //! A sequence's key/value cache: per layer, keys and values of every position seen so far.
 //!
 //! Storage grows by doubling (never per token) and is written in place with `slice_set`, so a
-//! decode step copies only the new position's keys and values.
+//! decode step copies only the new position's keys and values. Keys are stored transposed
+//! (`(1, kv_heads, head_dim, capacity)`): a decode step scores a query against many keys at
+//! once, and with each dimension's values for consecutive positions side by side those scores
+//! are plain vector multiply-adds; for prompts the transposed keys are what `q @ k^T` wants.
 
 use candle_core::Tensor;
 
@@ -10,11 +13,16 @@ use super::ModelError;
 /// Smallest number of positions a layer's storage is allocated for.
 const MIN_CAPACITY: usize = 64;
 
-/// Keys and values of one layer: `(1, kv_heads, capacity, head_dim)` each.
+/// Keys and values of one layer: keys `(1, kv_heads, head_dim, capacity)`, values
+/// `(1, kv_heads, capacity, head_dim)`.
 struct LayerCache {
     k: Tensor,
     v: Tensor,
 }
+
+/// Position axes: of the transposed keys, and of the values.
+const K_POS: usize = 3;
+const V_POS: usize = 2;
 
 /// The KV cache of one sequence.
 pub struct KvCache {
@@ -66,13 +74,13 @@ impl KvCache {
                 layers.push(None);
                 continue;
             };
-            let (b, heads, _, dim) = c.k.dims4()?;
+            let (b, heads, _, dim) = c.v.dims4()?;
             let cap = (n + MIN_CAPACITY).next_power_of_two();
-            let k = Tensor::zeros((b, heads, cap, dim), c.k.dtype(), c.k.device())?;
+            let k = Tensor::zeros((b, heads, dim, cap), c.k.dtype(), c.k.device())?;
             let v = Tensor::zeros((b, heads, cap, dim), c.v.dtype(), c.v.device())?;
             if n > 0 {
-                k.slice_set(&c.k.narrow(2, 0, n)?.contiguous()?, 2, 0)?;
-                v.slice_set(&c.v.narrow(2, 0, n)?.contiguous()?, 2, 0)?;
+                k.slice_set(&c.k.narrow(K_POS, 0, n)?.contiguous()?, K_POS, 0)?;
+                v.slice_set(&c.v.narrow(V_POS, 0, n)?.contiguous()?, V_POS, 0)?;
             }
             layers.push(Some(LayerCache { k, v }));
         }
@@ -84,7 +92,8 @@ impl KvCache {
     }
 
     /// Store `k`, `v` (`(1, kv_heads, n, head_dim)`) for layer `layer` after the current
-    /// positions and return views over all stored positions.
+    /// positions and return views over all stored positions: the keys transposed
+    /// (`(1, kv_heads, head_dim, total)`), the values as given (`(1, kv_heads, total, head_dim)`).
     pub(crate) fn append(
         &mut self,
         layer: usize,
@@ -98,18 +107,18 @@ impl KvCache {
             .get_mut(layer)
             .ok_or(ModelError::Internal("kv cache layer out of range"))?;
         let grow = match slot {
-            Some(c) => c.k.dim(2)? < needed,
+            Some(c) => c.v.dim(V_POS)? < needed,
             None => true,
         };
         if grow {
-            let old_cap = slot.as_ref().map_or(0, |c| c.k.dims()[2]);
+            let old_cap = slot.as_ref().map_or(0, |c| c.v.dims()[V_POS]);
             let cap = needed.max(old_cap * 2).max(MIN_CAPACITY);
-            let nk = Tensor::zeros((b, heads, cap, dim), k.dtype(), k.device())?;
+            let nk = Tensor::zeros((b, heads, dim, cap), k.dtype(), k.device())?;
             let nv = Tensor::zeros((b, heads, cap, dim), v.dtype(), v.device())?;
             if let Some(c) = slot.as_ref() {
                 if self.len > 0 {
-                    nk.slice_set(&c.k.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
-                    nv.slice_set(&c.v.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                    nk.slice_set(&c.k.narrow(K_POS, 0, self.len)?.contiguous()?, K_POS, 0)?;
+                    nv.slice_set(&c.v.narrow(V_POS, 0, self.len)?.contiguous()?, V_POS, 0)?;
                 }
             }
             *slot = Some(LayerCache { k: nk, v: nv });
@@ -117,8 +126,8 @@ impl KvCache {
         let c = slot
             .as_ref()
             .ok_or(ModelError::Internal("kv cache layer missing after growth"))?;
-        c.k.slice_set(&k.contiguous()?, 2, self.len)?;
-        c.v.slice_set(&v.contiguous()?, 2, self.len)?;
-        Ok((c.k.narrow(2, 0, needed)?, c.v.narrow(2, 0, needed)?))
+        c.k.slice_set(&k.transpose(2, 3)?.contiguous()?, K_POS, self.len)?;
+        c.v.slice_set(&v.contiguous()?, V_POS, self.len)?;
+        Ok((c.k.narrow(K_POS, 0, needed)?, c.v.narrow(V_POS, 0, needed)?))
     }
 }

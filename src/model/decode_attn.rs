@@ -35,33 +35,64 @@ fn values(t: &Tensor) -> Result<Vec<f32>, ModelError> {
     Ok(t.flatten_all()?.to_vec1::<f32>()?)
 }
 
-/// Where a `(1, kv_heads, keys, head_dim)` view's elements lie in its storage.
+/// Where a view's elements lie in its storage: element (head, key, dim) is at
+/// `offset + head * head_stride + key * key_stride + dim * dim_stride`.
 #[derive(Clone, Copy)]
 struct View {
     offset: usize,
     head_stride: usize,
     key_stride: usize,
+    dim_stride: usize,
     keys: usize,
 }
 
-fn view(t: &Tensor, heads: &Heads) -> Result<View, ModelError> {
-    let (_, kvh, keys, dim) = t.dims4()?;
-    let layout = t.layout();
-    let stride = layout.stride();
-    if kvh != heads.n_kv_heads || dim != heads.head_dim || stride[3] != 1 {
-        return Err(ModelError::Internal("unexpected kv cache layout"));
+impl View {
+    /// Transposed keys, `(1, kv_heads, head_dim, keys)`, positions adjacent.
+    fn keys(t: &Tensor, heads: &Heads) -> Result<Self, ModelError> {
+        let (_, kvh, dim, keys) = t.dims4()?;
+        let stride = t.layout().stride();
+        if kvh != heads.n_kv_heads || dim != heads.head_dim || stride[3] != 1 {
+            return Err(ModelError::Internal("unexpected key cache layout"));
+        }
+        Ok(Self {
+            offset: t.layout().start_offset(),
+            head_stride: stride[1],
+            key_stride: 1,
+            dim_stride: stride[2],
+            keys,
+        })
     }
-    Ok(View {
-        offset: layout.start_offset(),
-        head_stride: stride[1],
-        key_stride: stride[2],
-        keys,
-    })
+
+    /// Values, `(1, kv_heads, keys, head_dim)`, dimensions adjacent.
+    fn values(t: &Tensor, heads: &Heads) -> Result<Self, ModelError> {
+        let (_, kvh, keys, dim) = t.dims4()?;
+        let stride = t.layout().stride();
+        if kvh != heads.n_kv_heads || dim != heads.head_dim || stride[3] != 1 {
+            return Err(ModelError::Internal("unexpected value cache layout"));
+        }
+        Ok(Self {
+            offset: t.layout().start_offset(),
+            head_stride: stride[1],
+            key_stride: stride[2],
+            dim_stride: 1,
+            keys,
+        })
+    }
+
+    /// One past the last element read.
+    fn end(&self, heads: &Heads) -> usize {
+        self.offset
+            + (heads.n_kv_heads - 1) * self.head_stride
+            + (self.keys - 1) * self.key_stride
+            + (heads.head_dim - 1) * self.dim_stride
+            + 1
+    }
 }
 
 /// `softmax(q k^T * scale) v` for each sequence: `q` is `(n, n_heads, 1, head_dim)` (sequence
-/// `i`'s query heads in row `i`), `kv[i]` that sequence's visible keys and values, each
-/// `(1, n_kv_heads, keys, head_dim)` views of its cache. Query head `h` reads KV head
+/// `i`'s query heads in row `i`), `kv[i]` that sequence's visible keys and values, views of its
+/// cache: keys transposed `(1, n_kv_heads, head_dim, keys)`, values
+/// `(1, n_kv_heads, keys, head_dim)`. Query head `h` reads KV head
 /// `h / (n_heads / n_kv_heads)`. Returns `(n, 1, n_heads * head_dim)`.
 ///
 /// # Errors
@@ -83,7 +114,7 @@ pub(super) fn attend(
     // Read locks on every cache's storage, held while the workers read.
     let mut guards = Vec::with_capacity(n);
     for (k, v) in kv {
-        let (kview, vview) = (view(k, heads)?, view(v, heads)?);
+        let (kview, vview) = (View::keys(k, heads)?, View::values(v, heads)?);
         if kview.keys != vview.keys || kview.keys == 0 {
             return Err(ModelError::Internal("keys and values differ in length"));
         }
@@ -103,12 +134,9 @@ pub(super) fn attend(
             _ => return Err(ModelError::Internal("kv cache is not on the CPU")),
         }
     }
-    let span = |v: &View| {
-        v.offset + (heads.n_kv_heads - 1) * v.head_stride + (v.keys - 1) * v.key_stride + hd
-    };
     if caches
         .iter()
-        .any(|(k, v, kv_, vv)| span(kv_) > k.len() || span(vv) > v.len())
+        .any(|(k, v, kv_, vv)| kv_.end(heads) > k.len() || vv.end(heads) > v.len())
     {
         return Err(ModelError::Internal("kv cache view exceeds its storage"));
     }
@@ -159,31 +187,19 @@ fn one_head(
     out: &mut [f32],
 ) {
     let hd = q.len();
-    let key = |t: usize| {
-        let at = kview.offset + kv_head * kview.head_stride + t * kview.key_stride;
-        &k[at..at + hd]
-    };
+    // Each key's score is one chain of fused multiply-adds in dimension order (as candle's GEMM
+    // computes it); with the keys transposed, a dimension's values for all positions are one
+    // row, so the chains of many keys advance together in vector registers.
     scores.clear();
-    // Scores eight keys at a time: each key's sum is one chain of fused multiply-adds in
-    // dimension order (as candle's GEMM computes it), eight chains side by side.
-    let mut t = 0;
-    while t + 8 <= kview.keys {
-        let ks: [&[f32]; 8] = std::array::from_fn(|j| key(t + j));
-        let mut acc = [0f32; 8];
-        for d in 0..hd {
-            for j in 0..8 {
-                acc[j] = q[d].mul_add(ks[j][d], acc[j]);
-            }
+    scores.resize(kview.keys, 0.0);
+    for (d, &qd) in q.iter().enumerate() {
+        let at = kview.offset + kv_head * kview.head_stride + d * kview.dim_stride;
+        for (s, &kd) in scores.iter_mut().zip(&k[at..at + kview.keys]) {
+            *s = qd.mul_add(kd, *s);
         }
-        scores.extend(acc.iter().map(|a| a * scale));
-        t += 8;
     }
-    for t in t..kview.keys {
-        let acc = q
-            .iter()
-            .zip(key(t))
-            .fold(0f32, |a, (x, y)| x.mul_add(*y, a));
-        scores.push(acc * scale);
+    for s in scores.iter_mut() {
+        *s *= scale;
     }
     let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
     for s in scores.iter_mut() {
@@ -230,8 +246,8 @@ mod tests {
     use super::*;
 
     /// Against candle's own ops on a grouped-query case with a cache view that is narrower than
-    /// its storage (a sliding window over a cache with spare capacity), with key counts below,
-    /// at and above the eight scored side by side, and above the 32 of a softmax block. The
+    /// its storage (a sliding window over a cache with spare capacity), with key counts from one
+    /// to above the 32 of a softmax block. The
     /// same sums in nearly the same order: equal to an ulp or two.
     #[test]
     fn matches_candles_attention() {
@@ -247,18 +263,12 @@ mod tests {
         let mut want = Vec::new();
         for (keys, start) in [(5usize, 0usize), (12, 3), (1, 0), (8, 0), (11, 0), (75, 2)] {
             let cap = 80;
-            let k_store = Tensor::randn(0f32, 1.0, (1, 2, cap, 16), &dev).unwrap();
+            let k_store = Tensor::randn(0f32, 1.0, (1, 2, 16, cap), &dev).unwrap();
             let v_store = Tensor::randn(0f32, 1.0, (1, 2, cap, 16), &dev).unwrap();
-            let k = k_store.narrow(2, start, keys - start).unwrap();
+            let k = k_store.narrow(3, start, keys - start).unwrap();
             let v = v_store.narrow(2, start, keys - start).unwrap();
             let q = Tensor::randn(0f32, 1.0, (1, 6, 1, 16), &dev).unwrap();
-            let scores = (q
-                .reshape((1, 2, 3, 16))
-                .unwrap()
-                .matmul(&k.t().unwrap())
-                .unwrap()
-                * 0.25)
-                .unwrap();
+            let scores = (q.reshape((1, 2, 3, 16)).unwrap().matmul(&k).unwrap() * 0.25).unwrap();
             let probs = candle_nn::ops::softmax_last_dim(&scores).unwrap();
             let out = probs.matmul(&v.contiguous().unwrap()).unwrap();
             want.extend(out.flatten_all().unwrap().to_vec1::<f32>().unwrap());
@@ -283,8 +293,14 @@ mod tests {
             head_dim: 8,
             scale: 1.0,
         };
-        let k = Tensor::zeros((1, 2, 3, 8), DType::F32, &dev).unwrap();
+        let k = Tensor::zeros((1, 2, 8, 3), DType::F32, &dev).unwrap();
+        let v = Tensor::zeros((1, 2, 3, 8), DType::F32, &dev).unwrap();
+        let q = Tensor::zeros((1, 4, 1, 8), DType::F32, &dev).unwrap();
+        assert!(attend(&q, &[(k.clone(), v.clone())], &heads).is_ok());
         let q = Tensor::zeros((2, 4, 1, 8), DType::F32, &dev).unwrap();
-        assert!(attend(&q, &[(k.clone(), k)], &heads).is_err());
+        assert!(attend(&q, &[(k.clone(), v.clone())], &heads).is_err());
+        // Keys not transposed.
+        let q = Tensor::zeros((1, 4, 1, 8), DType::F32, &dev).unwrap();
+        assert!(attend(&q, &[(v.clone(), v)], &heads).is_err());
     }
 }

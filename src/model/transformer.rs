@@ -376,7 +376,7 @@ impl Transformer {
             let qi = q
                 .narrow(0, i, 1)?
                 .reshape((1, cfg.n_kv_heads, group, cfg.head_dim))?;
-            let scores = (qi.matmul(&k_all.t()?)? * cfg.attn_scale)?;
+            let scores = (qi.matmul(&gpu_ready(k_all)?)? * cfg.attn_scale)?;
             let probs = candle_nn::ops::softmax_last_dim(&scores)?;
             let out = probs
                 .matmul(v_all)?
@@ -487,7 +487,7 @@ impl Transformer {
         // head are consecutive, so (heads, seq) folds into (kv_heads, group * seq) rows.
         let group = cfg.n_heads / cfg.n_kv_heads;
         let q = q.reshape((b, cfg.n_kv_heads, group * seq_len, cfg.head_dim))?;
-        let scores = (q.matmul(&k_all.t()?)? * cfg.attn_scale)?;
+        let scores = (q.matmul(&gpu_ready(&k_all)?)? * cfg.attn_scale)?;
         let scores = match self.mask(pass, start, layer.window, group)? {
             Some(mask) => scores.broadcast_add(&mask)?,
             None => scores,
@@ -585,8 +585,8 @@ impl Transformer {
     }
 }
 
-/// The stored keys and values (`total` positions, the new ones from `pos`) that this layer's
-/// queries may see, and the first of them: a sliding layer never looks further back than its
+/// The stored keys (transposed) and values (`total` positions, the new ones from `pos`) that
+/// this layer's queries may see, and the first of them: a sliding layer never looks further back than its
 /// window, so older keys are dropped up front.
 fn visible(
     layer: &Layer,
@@ -603,10 +603,20 @@ fn visible(
         return Ok((k_all, v_all, 0));
     }
     Ok((
-        k_all.narrow(2, start, total - start)?,
+        k_all.narrow(3, start, total - start)?,
         v_all.narrow(2, start, total - start)?,
         start,
     ))
+}
+
+/// The cache's transposed keys as a matmul operand: the CPU multiplies the strided view in
+/// place; GPU matmuls want rows of exactly the view's width, so they get a copy.
+fn gpu_ready(k_t: &Tensor) -> candle_core::Result<Tensor> {
+    if k_t.device().is_cpu() {
+        Ok(k_t.clone())
+    } else {
+        k_t.contiguous()
+    }
 }
 
 /// Additive mask `(seq_len, keys)` over keys `start..total` for queries at `pos..pos+seq_len`:
