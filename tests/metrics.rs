@@ -18,6 +18,7 @@ use llmgenie::server::routed::Routing;
 use llmgenie::server::Limits;
 use serde_json::json;
 
+use util::counting_prompt;
 use util::fake_claude::{self, message_json, Reply};
 use util::http::{http, post, start_stream, TestServer};
 
@@ -181,7 +182,7 @@ fn counters_follow_local_answers_escalations_rejections_and_cancellations() {
     let stream = start_stream(
         a,
         "/api/generate",
-        json!({"model": "smollm2-135m", "prompt": "Count to one thousand:", "stream": true,
+        json!({"model": "smollm2-135m", "prompt": counting_prompt(), "raw": true, "stream": true,
                "options": {"num_predict": 2000}}),
     );
     let d = measure(a, || {

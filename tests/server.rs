@@ -8,7 +8,7 @@ use llmgenie::server::Limits;
 use serde_json::{json, Value};
 
 use crate::util::http::{http, http_with, post, start_stream, TestServer};
-use crate::util::{model_path, reference, SMOLLM2};
+use crate::util::{counting_prompt, model_path, reference, SMOLLM2};
 
 fn code_prompt() -> (String, String) {
     let r = reference("smollm2");
@@ -268,7 +268,7 @@ fn full_model_gets_429_and_a_client_that_leaves_frees_its_place() {
     let s = start_stream(
         srv.addr,
         "/v1/chat/completions",
-        json!({"messages": [{"role": "user", "content": "Count to one thousand."}],
+        json!({"messages": [{"role": "user", "content": counting_prompt()}],
                "max_tokens": 4000, "stream": true, "temperature": 0}),
     );
     // The model is at capacity: the next request is refused at once with Retry-After.
@@ -372,7 +372,7 @@ fn a_budget_of_one_model_evicts_the_idle_one_but_never_one_in_use() {
     let s = start_stream(
         srv.addr,
         "/api/generate",
-        json!({"model": "gemma3-270m", "prompt": "Count to one thousand:", "stream": true,
+        json!({"model": "gemma3-270m", "prompt": counting_prompt(), "raw": true, "stream": true,
                "options": {"num_predict": 3000}}),
     );
     let r = post(srv.addr, "/api/chat", quick("smollm2-135m"));

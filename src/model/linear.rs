@@ -1,13 +1,14 @@
 //! A quantized weight matrix with three ways to multiply.
 //!
-//! Q4_1 weights on an AVX2 CPU take this crate's kernel (`q4_1.rs`) at every row count. For the
-//! other types: one row at a time (decode), candle's quantized dot products are the fastest CPU
-//! path and read the fewest bytes. For many rows (prompt prefill) they walk the rows one by one,
-//! so on the CPU the matrix is instead dequantized once per call and multiplied with a dense f32
-//! GEMM, 3-4x faster for prompt-sized batches. To keep llama.cpp's numerics, the activations are first
-//! rounded through the same 8-bit format llama.cpp's dot products quantize them to (Q8_0, Q8_1 or
-//! Q8_K by weight type): the dense product of the dequantized values is then the integer dot
-//! product, up to float summation order. GPU backends keep their quantized kernels.
+//! Q4_1 and Q5_0 weights on an AVX2 CPU take this crate's kernels (`qdot/`), Q4_1 at every row
+//! count, Q5_0 up to 255 rows. For the other types: one row at a time (decode), candle's
+//! quantized dot products are the fastest CPU path and read the fewest bytes. For many rows
+//! (prompt prefill) they walk the rows one by one, so on the CPU the matrix is instead
+//! dequantized once per call and multiplied with a dense f32 GEMM, 3-4x faster for prompt-sized
+//! batches. To keep llama.cpp's numerics, the activations are first rounded through the same
+//! 8-bit format llama.cpp's dot products quantize them to (Q8_0, Q8_1 or Q8_K by weight type):
+//! the dense product of the dequantized values is then the integer dot product, up to float
+//! summation order. GPU backends keep their quantized kernels.
 
 use std::sync::Arc;
 
@@ -72,9 +73,10 @@ impl Linear {
         let k = x.dim(D::Minus1)?;
         let rows = x.elem_count() / k.max(1);
         if let Some((w, _)) = &self.dense {
-            // Q4_1 has its own kernel, faster than both paths below at every row count (for a
-            // 64-token prompt chunk 1.6x the dense path, which dequantizes whole matrices).
-            if let Some(y) = super::q4_1::matmul(w, x)? {
+            // Q4_1 and Q5_0 have this crate's kernels, faster than both paths below (for a
+            // 64-token prompt chunk of SmolLM2, 1.6x the dense path, which dequantizes whole
+            // matrices) up to a row count per format.
+            if let Some(y) = super::qdot::matmul(w, x)? {
                 return Ok(y);
             }
         }

@@ -7,7 +7,7 @@ mod cache;
 mod decode_attn;
 mod device;
 mod linear;
-mod q4_1;
+mod qdot;
 mod transformer;
 
 use std::fs::File;

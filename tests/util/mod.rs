@@ -29,6 +29,18 @@ pub fn model_path(file: &str) -> PathBuf {
 pub const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 pub const GEMMA3: &str = "gemma-3-270m-q4_k_m.gguf";
 
+/// A prompt both test models answer at length whatever the float noise: a list to continue
+/// ("101, 102, ..."), for tests that need a stream still running when they act. (An open
+/// instruction such as "Count to one thousand" gets a short answer from SmolLM2 after small
+/// numeric changes.)
+pub fn counting_prompt() -> String {
+    let numbers: Vec<String> = (1..=100).map(|i| i.to_string()).collect();
+    format!(
+        "Continue this list up to one thousand: {},",
+        numbers.join(", ")
+    )
+}
+
 #[derive(Debug, Deserialize)]
 pub struct Reference {
     pub tokenize: Vec<TokenizeCase>,
