@@ -2,14 +2,13 @@
 //!
 //! A GGUF file carries its vocabulary as `tokenizer.ggml.*` keys. [`VocabSource`] holds those keys
 //! (the GGUF parser fills it) and [`GgufTokenizer::from_vocab`] turns them into a
-//! [`tokenizers::Tokenizer`] configured to reproduce llama.cpp's `llama_tokenize`:
+//! `tokenizers` pipeline configured to reproduce llama.cpp's `llama_tokenize`:
 //!
 //! * `tokenizer.ggml.model = "gpt2"`: byte-level BPE; the text is split with the regexes llama.cpp
 //!   uses for `tokenizer.ggml.pre` (`smollm`, `llama-bpe`, `qwen2`, `default`, ...), mapped to the
 //!   GPT-2 byte alphabet and merged by rank (see `bpe.rs`).
 //! * `tokenizer.ggml.model = "llama"`: SentencePiece; spaces become `▁`, an optional `▁` prefix,
-//!   highest-score merges and `<0xNN>` byte fallback, expressed as a BPE with merges derived from
-//!   the scores (see `spm.rs`).
+//!   highest-score merges (leftmost on ties) and `<0xNN>` byte fallback (see `spm.rs`).
 //!
 //! Token types follow llama.cpp: control (3) and unknown (2) tokens are *special*: they are
 //! recognised in the text only when `parse_special` is true, and dropped by `decode` with
@@ -19,9 +18,7 @@
 //!
 //! Known, deliberate differences from llama.cpp: special tokens that overlap in the text are
 //! matched leftmost-longest (llama.cpp: longest token first, over the whole text); `decode` does
-//! not apply llama.cpp's `clean_spaces` pass (so `decode(encode(x)) == x`); and for SentencePiece
-//! two different tokens with exactly equal scores are merged in id order rather than position
-//! order (real vocabularies give each normal token its own score).
+//! not apply llama.cpp's `clean_spaces` pass (so `decode(encode(x)) == x`).
 //!
 //! ```ignore
 //! let tok = GgufTokenizer::from_vocab(&vocab)?;
@@ -35,13 +32,28 @@
 
 mod bpe;
 mod error;
+mod model;
 mod spm;
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::sync::Arc;
 
-use tokenizers::{step_decode_stream, AddedToken, Tokenizer};
+use tokenizers::{
+    step_decode_stream, AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper,
+    PreTokenizerWrapper, TokenizerImpl,
+};
+
+use model::VocabModel;
+
+/// The `tokenizers` pipeline around this crate's vocabulary models.
+type Tokenizer = TokenizerImpl<
+    VocabModel,
+    NormalizerWrapper,
+    PreTokenizerWrapper,
+    PostProcessorWrapper,
+    DecoderWrapper,
+>;
 
 pub use error::TokenizerError;
 
@@ -118,8 +130,10 @@ pub struct GgufTokenizer {
 struct Shared {
     /// Special tokens in the text are parsed.
     special: Tokenizer,
-    /// Special tokens in the text are tokenized as ordinary text.
-    plain: Tokenizer,
+    /// Special tokens in the text are tokenized as ordinary text: a copy of `special` with that
+    /// flag set, made on first use (a large vocabulary's copy costs tens of MB, and serving
+    /// never needs it: prompts are rendered chat templates, parsed with specials).
+    plain: std::sync::OnceLock<Tokenizer>,
     tokens: Vec<String>,
     model: String,
     bos_id: Option<u32>,
@@ -242,9 +256,8 @@ impl GgufTokenizer {
 
         let (mut tokenizer, add_bos_default) = if is_spm {
             let add_space_prefix = v.add_space_prefix.unwrap_or(true);
-            let unk = unk_id.map(|id| tokens[id as usize].as_str());
-            let model = spm::model(&tokens, v.scores.as_deref(), unk)?;
-            let mut tok = Tokenizer::new(model);
+            let model = spm::Spm::new(&tokens, v.scores.as_deref(), unk_id)?;
+            let mut tok = Tokenizer::new(VocabModel::Spm(model));
             tok.with_normalizer(Some(spm::normalizer(add_space_prefix)?))
                 .map_err(|e| TokenizerError::Build(e.to_string()))?;
             tok.with_decoder(Some(spm::decoder(add_space_prefix)?));
@@ -256,7 +269,7 @@ impl GgufTokenizer {
             if dropped > 0 {
                 tracing::warn!("{dropped} BPE merges name pieces outside the vocabulary; ignored");
             }
-            let mut tok = Tokenizer::new(model);
+            let mut tok = Tokenizer::new(VocabModel::Bpe(Box::new(model)));
             tok.with_pre_tokenizer(Some(bpe::pre_tokenizer(&cfg)?));
             tok.with_decoder(Some(bpe::decoder()));
             (tok, cfg.add_bos_default)
@@ -276,13 +289,11 @@ impl GgufTokenizer {
                 .add_tokens(added)
                 .map_err(|e| TokenizerError::Build(format!("special tokens: {e}")))?;
         }
-        let mut plain = tokenizer.clone();
-        plain.set_encode_special_tokens(true);
 
         Ok(Self {
             shared: Arc::new(Shared {
                 special: tokenizer,
-                plain,
+                plain: std::sync::OnceLock::new(),
                 tokens,
                 model: v.model.clone(),
                 bos_id,
@@ -305,7 +316,11 @@ impl GgufTokenizer {
         let tok = if parse_special {
             &self.shared.special
         } else {
-            &self.shared.plain
+            self.shared.plain.get_or_init(|| {
+                let mut plain = self.shared.special.clone();
+                plain.set_encode_special_tokens(true);
+                plain
+            })
         };
         let encoding = tok
             .encode_fast(text, false)
@@ -424,11 +439,6 @@ impl GgufTokenizer {
     /// The EOS token's text (e.g. `"<|im_end|>"`).
     pub fn eos_text(&self) -> Option<&str> {
         self.shared.eos_id.and_then(|id| self.token_text(id))
-    }
-
-    /// The underlying `tokenizers` tokenizer (special tokens parsed).
-    pub fn inner(&self) -> &Tokenizer {
-        &self.shared.special
     }
 }
 
