@@ -19,6 +19,7 @@
 
 mod q4_1;
 mod q5_0;
+mod q8_0;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -65,6 +66,11 @@ trait Format {
     /// Most activation rows worth multiplying here; with more, the dense path of `Linear`
     /// (dequantized weights, f32 GEMM) is faster.
     const MAX_ROWS: usize;
+
+    /// Whether `m` activation rows `k` wide are better done here than by candle.
+    fn takes(_m: usize, _k: usize) -> bool {
+        true
+    }
 
     /// One weight row against one activation row, in plain Rust.
     fn dot_scalar(w: &[u8], x: &[u8]) -> f32;
@@ -152,6 +158,7 @@ pub fn matmul(w: &QTensor, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
     match w.dtype() {
         GgmlDType::Q4_1 => run::<q4_1::Q4_1>(w, x),
         GgmlDType::Q5_0 => run::<q5_0::Q5_0>(w, x),
+        GgmlDType::Q8_0 => run::<q8_0::Q8_0>(w, x),
         _ => Ok(None),
     }
 }
@@ -162,7 +169,7 @@ fn run<F: Format>(w: &QTensor, x: &Tensor) -> candle_core::Result<Option<Tensor>
         return Ok(None);
     }
     let m = x.elem_count() / k;
-    if m == 0 || m > F::MAX_ROWS {
+    if m == 0 || m > F::MAX_ROWS || !F::takes(m, k) {
         return Ok(None);
     }
     let xq = super::linear::quantize_rows(x, m, k, F::ACTS)?;
@@ -231,7 +238,7 @@ mod tests {
     use candle_core::quantized::QMatMul;
     use candle_core::Module;
 
-    const FORMATS: [GgmlDType; 2] = [GgmlDType::Q4_1, GgmlDType::Q5_0];
+    const FORMATS: [GgmlDType; 3] = [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0];
 
     /// Every shape path: one row (weight rows four at a time, with a short last group), and
     /// several (activation rows four at a time, with rows left over), against candle's own
@@ -250,6 +257,11 @@ mod tests {
                 (13, 640, 5),
                 (9, 160, 8),
             ] {
+                if dtype == GgmlDType::Q8_0 && (k % 256 == 0 || m == 1) {
+                    // Left to candle: its repacked AVX-512 kernels (a different rounding), and
+                    // single rows.
+                    continue;
+                }
                 let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
                 let q = QTensor::quantize(&w, dtype).unwrap();
                 let x = Tensor::randn(0f32, 1.0, (m, 1, k), &dev).unwrap();
@@ -274,7 +286,7 @@ mod tests {
 
     /// A row's result is the same whether it is multiplied alone or with others (what lets a
     /// batched decode step give each sequence exactly its single-step logits), also for a row
-    /// narrowed out of a larger tensor.
+    /// narrowed out of a larger tensor, and also where candle takes the single row.
     #[test]
     fn a_row_gets_the_same_bits_alone_or_in_a_batch() {
         let dev = Device::Cpu;
@@ -287,7 +299,15 @@ mod tests {
                 return;
             };
             for r in 0..6 {
-                let alone = matmul(&q, &x.narrow(0, r, 1).unwrap()).unwrap().unwrap();
+                let row = x.narrow(0, r, 1).unwrap();
+                // A single row may be left to candle (Q8_0): the same bits are expected.
+                let alone = match matmul(&q, &row).unwrap() {
+                    Some(y) => y,
+                    None => QMatMul::from_qtensor(QTensor::quantize(&w, dtype).unwrap())
+                        .unwrap()
+                        .forward(&row)
+                        .unwrap(),
+                };
                 let want: Vec<f32> = alone.flatten_all().unwrap().to_vec1().unwrap();
                 let got: Vec<f32> = all.get(r).unwrap().to_vec1().unwrap();
                 assert_eq!(got, want, "{dtype:?} row {r}");
@@ -325,5 +345,6 @@ mod tests {
     fn the_vector_and_scalar_sums_agree() {
         vector_and_scalar_agree::<q4_1::Q4_1>();
         vector_and_scalar_agree::<q5_0::Q5_0>();
+        vector_and_scalar_agree::<q8_0::Q8_0>();
     }
 }
