@@ -1,7 +1,7 @@
 //! A quantized weight matrix with three ways to multiply.
 //!
-//! Q4_1 and Q5_0 weights on an AVX2 CPU take this crate's kernels (`qdot/`), Q4_1 at every row
-//! count, Q5_0 up to 255 rows. For the other types: one row at a time (decode), candle's
+//! Q4_1, Q5_0 and (from two rows) Q8_0 weights on an AVX2 CPU take this crate's kernels
+//! (`qdot/`) up to 160 rows. Otherwise: one row at a time (decode), candle's
 //! quantized dot products are the fastest CPU path and read the fewest bytes. For many rows
 //! (prompt prefill) they walk the rows one by one, so on the CPU the matrix is instead
 //! dequantized once per call and multiplied with a dense f32 GEMM, 3-4x faster for prompt-sized
@@ -73,9 +73,8 @@ impl Linear {
         let k = x.dim(D::Minus1)?;
         let rows = x.elem_count() / k.max(1);
         if let Some((w, _)) = &self.dense {
-            // Q4_1 and Q5_0 have this crate's kernels, faster than both paths below (for a
-            // 64-token prompt chunk of SmolLM2, 1.6x the dense path, which dequantizes whole
-            // matrices) up to a row count per format.
+            // This crate's kernels, faster than both paths below up to 160 rows (for a 64-token
+            // prompt chunk of SmolLM2, 1.9x the dense path, which dequantizes whole matrices).
             if let Some(y) = super::qdot::matmul(w, x)? {
                 return Ok(y);
             }

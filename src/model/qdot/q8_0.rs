@@ -24,8 +24,6 @@ impl Format for Q8_0 {
     const W_BYTES: usize = 34;
     const X_BYTES: usize = 34;
     const X_SUM: bool = false;
-    /// Like Q5_0: past a few hundred rows the dense path's GEMM wins.
-    const MAX_ROWS: usize = 255;
 
     /// Rows a multiple of 256 wide take candle's repacked AVX-512 VNNI kernels instead. A
     /// single row (decode) too: candle streams the weight rows one after another, which for
