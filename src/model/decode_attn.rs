@@ -192,13 +192,37 @@ fn one_head(
     // row, so the chains of many keys advance together in vector registers.
     scores.clear();
     scores.resize(kview.keys, 0.0);
+    let kbase = kview.offset + kv_head * kview.head_stride;
+    // 32 keys at a time in registers (four independent vectors of chains), then the rest.
+    let tiles = kview.keys / 32;
+    for (tile, out) in scores.chunks_exact_mut(32).enumerate() {
+        let (mut a0, mut a1, mut a2, mut a3) = ([0f32; 8], [0f32; 8], [0f32; 8], [0f32; 8]);
+        for (d, &qd) in q.iter().enumerate() {
+            let at = kbase + d * kview.dim_stride + 32 * tile;
+            let row = &k[at..at + 32];
+            fma8(&mut a0, qd, &row[0..8]);
+            fma8(&mut a1, qd, &row[8..16]);
+            fma8(&mut a2, qd, &row[16..24]);
+            fma8(&mut a3, qd, &row[24..32]);
+        }
+        for (o, a) in out
+            .iter_mut()
+            .zip(a0.iter().chain(&a1).chain(&a2).chain(&a3))
+        {
+            *o = a * scale;
+        }
+    }
+    let rest = 32 * tiles;
     for (d, &qd) in q.iter().enumerate() {
-        let at = kview.offset + kv_head * kview.head_stride + d * kview.dim_stride;
-        for (s, &kd) in scores.iter_mut().zip(&k[at..at + kview.keys]) {
+        let at = kbase + d * kview.dim_stride;
+        for (s, &kd) in scores[rest..]
+            .iter_mut()
+            .zip(&k[at + rest..at + kview.keys])
+        {
             *s = qd.mul_add(kd, *s);
         }
     }
-    for s in scores.iter_mut() {
+    for s in scores[rest..].iter_mut() {
         *s *= scale;
     }
     let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
@@ -206,14 +230,48 @@ fn one_head(
         *s = (*s - max).exp();
     }
     let sum = softmax_sum(scores);
-    // Values weighted in key order, one fused multiply-add chain per dimension.
-    out.fill(0.0);
-    for (t, &p) in scores.iter().enumerate() {
-        let at = vview.offset + kv_head * vview.head_stride + t * vview.key_stride;
-        let p = p / sum;
-        for (o, &x) in out.iter_mut().zip(&v[at..at + hd]) {
-            *o = p.mul_add(x, *o);
+    // Values weighted in key order, one fused multiply-add chain per dimension; 64 dimensions
+    // at a time in registers (eight independent vectors of chains), then the rest.
+    for s in scores.iter_mut() {
+        *s /= sum;
+    }
+    let base = vview.offset + kv_head * vview.head_stride;
+    let mut groups = out.chunks_exact_mut(64);
+    for (g, chunk) in groups.by_ref().enumerate() {
+        let (mut a0, mut a1, mut a2, mut a3) = ([0f32; 8], [0f32; 8], [0f32; 8], [0f32; 8]);
+        let (mut a4, mut a5, mut a6, mut a7) = ([0f32; 8], [0f32; 8], [0f32; 8], [0f32; 8]);
+        for (t, &p) in scores.iter().enumerate() {
+            let at = base + t * vview.key_stride + 64 * g;
+            let row = &v[at..at + 64];
+            fma8(&mut a0, p, &row[0..8]);
+            fma8(&mut a1, p, &row[8..16]);
+            fma8(&mut a2, p, &row[16..24]);
+            fma8(&mut a3, p, &row[24..32]);
+            fma8(&mut a4, p, &row[32..40]);
+            fma8(&mut a5, p, &row[40..48]);
+            fma8(&mut a6, p, &row[48..56]);
+            fma8(&mut a7, p, &row[56..64]);
         }
+        let all = [a0, a1, a2, a3, a4, a5, a6, a7];
+        for (o, a) in chunk.iter_mut().zip(all.iter().flatten()) {
+            *o = *a;
+        }
+    }
+    let done = hd - groups.into_remainder().len();
+    for d in done..hd {
+        let mut acc = 0f32;
+        for (t, &p) in scores.iter().enumerate() {
+            acc = p.mul_add(v[base + t * vview.key_stride + d], acc);
+        }
+        out[d] = acc;
+    }
+}
+
+/// `acc[i] += w * x[i]` for eight lanes, each a fused multiply-add.
+#[inline(always)]
+fn fma8(acc: &mut [f32; 8], w: f32, x: &[f32]) {
+    for (a, &x) in acc.iter_mut().zip(x) {
+        *a = w.mul_add(x, *a);
     }
 }
 
