@@ -16,7 +16,7 @@
       A long prompt arrives while N streams are generating. Prints the long request's time to
       first token and the streams' inter-token latency (median, p95, worst) while it was being
       read. --prefill-chunk sets LLMGENIE_PREFILL_CHUNK (prompt tokens per step while others
-      generate; the server's default is 32, 512 reads the prompt in one go).
+      generate; the server's default is 64, 512 reads the prompt in one go).
 
   scripts/bench_serving.py routing [--runs 3] [--tokens 64]
       What validating before streaming costs: the same prompts pinned to the local model and as
