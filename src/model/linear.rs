@@ -28,22 +28,41 @@ pub struct Linear {
 /// `x` as `rows` rows of `k`, quantized to `dtype`. `QTensor::quantize` reads a tensor's
 /// storage from its start, whatever the view's offset, so a view into a larger tensor (a row
 /// narrowed out of a batch) is copied into storage of its own first.
+///
+/// The last result is kept per thread: the Q, K and V projections (and the gate and up
+/// projections) multiply the same input tensor, which is then quantized once instead of three
+/// (two) times. Tensors are immutable and their ids never reused, so the id identifies the
+/// values.
 pub(super) fn quantize_rows(
     x: &Tensor,
     rows: usize,
     k: usize,
     dtype: GgmlDType,
-) -> candle_core::Result<QTensor> {
-    let flat = x.reshape((rows, k))?.contiguous()?;
-    if flat.layout().start_offset() == 0 {
-        return QTensor::quantize(&flat, dtype);
+) -> candle_core::Result<Arc<QTensor>> {
+    type Last = Option<(candle_core::TensorId, GgmlDType, Arc<QTensor>)>;
+    thread_local! {
+        static LAST: std::cell::RefCell<Last> = const { std::cell::RefCell::new(None) };
     }
-    let values = flat
-        .to_dtype(candle_core::DType::F32)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
-    let own = Tensor::from_vec(values, (rows, k), x.device())?;
-    QTensor::quantize(&own, dtype)
+    let hit = LAST.with(|last| match &*last.borrow() {
+        Some((id, t, q)) if *id == x.id() && *t == dtype => Some(q.clone()),
+        _ => None,
+    });
+    if let Some(q) = hit {
+        return Ok(q);
+    }
+    let flat = x.reshape((rows, k))?.contiguous()?;
+    let q = if flat.layout().start_offset() == 0 {
+        QTensor::quantize(&flat, dtype)?
+    } else {
+        let values = flat
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        QTensor::quantize(&Tensor::from_vec(values, (rows, k), x.device())?, dtype)?
+    };
+    let q = Arc::new(q);
+    LAST.with(|last| *last.borrow_mut() = Some((x.id(), dtype, q.clone())));
+    Ok(q)
 }
 
 /// The format ggml quantizes activations to for a dot product with weights of type `t`.

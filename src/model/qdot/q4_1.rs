@@ -73,16 +73,22 @@ mod avx2 {
     const W_BYTES: usize = 20;
     const X_BYTES: usize = 36;
 
+    /// 16 bytes of packed nibbles as 32 bytes: the low nibbles, then the high. The bytes are
+    /// loaded into both halves of the vector and the upper half shifted (a load and two
+    /// arithmetic operations, keeping the shuffle port free for the sums).
+    #[target_feature(enable = "avx2")]
+    pub(in crate::model::qdot) unsafe fn unpack(q: *const u8) -> __m256i {
+        // SAFETY (caller): `q` points at 16 readable bytes.
+        let both = _mm256_broadcastsi128_si256(_mm_loadu_si128(q.cast()));
+        let shifted = _mm256_srlv_epi64(both, _mm256_set_epi64x(4, 4, 0, 0));
+        _mm256_and_si256(shifted, _mm256_set1_epi8(0x0F))
+    }
+
     /// A weight block's 32 nibbles as bytes: the low nibbles of its 16 bytes, then the high.
     #[target_feature(enable = "avx2")]
     unsafe fn nibbles(w: *const u8) -> __m256i {
         // SAFETY (caller): `w` points at a whole Q4_1 block; its quants are bytes 4..20.
-        let q = _mm_loadu_si128(w.add(4).cast());
-        let mask = _mm_set1_epi8(0x0F);
-        _mm256_set_m128i(
-            _mm_and_si128(_mm_srli_epi16(q, 4), mask),
-            _mm_and_si128(q, mask),
-        )
+        unpack(w.add(4))
     }
 
     /// Unsigned nibbles times a Q8_1 block's signed quants: eight partial i32 sums (each pair
@@ -189,4 +195,4 @@ mod avx2 {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(super) use avx2::{to_array, totals};
+pub(super) use avx2::{to_array, totals, unpack};

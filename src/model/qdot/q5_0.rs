@@ -72,7 +72,7 @@ impl Format for Q5_0 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::super::q4_1::{to_array, totals};
+    use super::super::q4_1::{to_array, totals, unpack};
     use super::LANES;
     use std::arch::x86_64::*;
 
@@ -86,12 +86,7 @@ mod avx2 {
     unsafe fn weights(w: *const u8) -> __m256i {
         // SAFETY (caller): `w` points at a whole Q5_0 block: scale 0..2, fifth bits 2..6,
         // nibbles 6..22.
-        let q = _mm_loadu_si128(w.add(6).cast());
-        let mask = _mm_set1_epi8(0x0F);
-        let nibbles = _mm256_set_m128i(
-            _mm_and_si128(_mm_srli_epi16(q, 4), mask),
-            _mm_and_si128(q, mask),
-        );
+        let nibbles = unpack(w.add(6));
         // Byte i gets the bits' byte i / 8; OR-ing all bits but bit i % 8 makes it all ones
         // exactly when bit i is set.
         let qh = w.add(2).cast::<i32>().read_unaligned();
