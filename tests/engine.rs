@@ -9,7 +9,7 @@ use llmgenie::engine::{
 };
 use llmgenie::sampler::SamplingParams;
 
-use crate::util::{model_path, reference, GEMMA3, SMOLLM2};
+use crate::util::{counting_prompt, model_path, reference, GEMMA3, SMOLLM2};
 
 fn engine() -> Engine {
     Engine::start("smollm2-135m", &model_path(SMOLLM2), Device::Cpu).unwrap()
@@ -202,6 +202,42 @@ fn concurrent_answers_match_single_ones(e: &Engine, name: &str) {
     assert!(
         EngineStats::get(&e.stats().batched_steps) > 0,
         "no batched step ran"
+    );
+}
+
+/// A prompt that arrives while another sequence is generating is read a small chunk per step,
+/// between that sequence's steps: it takes several passes, and the running stream keeps
+/// getting tokens until the new prompt's answer begins (read in one pass, the running stream
+/// would get one or two).
+#[test]
+fn a_prompt_arriving_during_generation_is_read_between_steps() {
+    let e = engine();
+    // A stream that goes on for hundreds of tokens.
+    let mut running = e
+        .submit(greedy(prompt(&e, &counting_prompt()), 1000))
+        .unwrap();
+    assert!(matches!(running.blocking_recv(), Some(Event::Token(_))));
+    let chunks_before = EngineStats::get(&e.stats().prompt_chunks);
+    let long = prompt(
+        &e,
+        &"The weather was mild and the market was busy that morning. ".repeat(40),
+    );
+    let n = long.len();
+    assert!(n > 400, "{n} prompt tokens");
+    let (ids, _, done) = collect(&e, greedy(long, 1));
+    assert_eq!((ids.len(), done.prompt_tokens), (1, n));
+    // Chunks of 64 (the default), the last one taking a short tail with it.
+    let chunks = EngineStats::get(&e.stats().prompt_chunks) - chunks_before;
+    assert!(chunks >= (n / 64) as u64, "{n} tokens in {chunks} passes");
+    let mut meanwhile = 0;
+    while let Ok(ev) = running.try_recv() {
+        if matches!(ev, Event::Token(_)) {
+            meanwhile += 1;
+        }
+    }
+    assert!(
+        meanwhile as u64 >= chunks - 1,
+        "{meanwhile} tokens while the prompt took {chunks} passes"
     );
 }
 

@@ -145,6 +145,8 @@ pub struct EngineStats {
     /// Forward passes that advanced several sequences at once, and the tokens they produced.
     pub batched_steps: AtomicU64,
     pub batched_tokens: AtomicU64,
+    /// Forward passes over prompt tokens (a prompt read in several chunks counts each).
+    pub prompt_chunks: AtomicU64,
 }
 
 impl EngineStats {
