@@ -17,6 +17,8 @@
 //! horizontal sum, scalar float work) are shared four ways. Weights are read in place from the
 //! quantized tensor: no copy, no extra memory.
 
+#![allow(unsafe_code)]
+
 mod q4_1;
 mod q5_0;
 mod q8_0;
@@ -76,11 +78,65 @@ trait Format {
 
     /// One weight row against one activation row, in plain Rust.
     fn dot_scalar(w: &[u8], x: &[u8]) -> f32;
+
     /// Four weight rows against one activation row whose block scales are `d`, `s`.
-    fn four_weight_rows(w: [&[u8]; LANES], x: &[u8], d: &[f32], s: &[f32]) -> [f32; LANES];
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C are present; every row is the same whole number of blocks, and `d`,
+    /// `s` hold one value per block (as [`four_weight_rows`] checks).
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn avx2_weight_rows(w: [&[u8]; LANES], x: &[u8], d: &[f32], s: &[f32]) -> [f32; LANES];
+
     /// One weight row against four activation rows whose block scales are `d`, `s`
     /// (`[block][lane]`).
-    fn four_activation_rows(w: &[u8], x: [&[u8]; LANES], d: &[f32], s: &[f32]) -> [f32; LANES];
+    ///
+    /// # Safety
+    /// As for `avx2_weight_rows`, with four values per block in `d`, `s` (as
+    /// [`four_activation_rows`] checks).
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn avx2_activation_rows(
+        w: &[u8],
+        x: [&[u8]; LANES],
+        d: &[f32],
+        s: &[f32],
+    ) -> [f32; LANES];
+}
+
+/// Four weight rows against one activation row: the lengths checked, then AVX2, or the scalar
+/// sum on other CPUs.
+fn four_weight_rows<F: Format>(w: [&[u8]; LANES], x: &[u8], d: &[f32], s: &[f32]) -> [f32; LANES] {
+    let nb = x.len() / F::X_BYTES;
+    assert!(x.len() == nb * F::X_BYTES && w.iter().all(|w| w.len() == nb * F::W_BYTES));
+    assert!(d.len() == nb && s.len() == nb);
+    #[cfg(target_arch = "x86_64")]
+    {
+        if available() {
+            // SAFETY: `available()` checked AVX2, FMA and F16C; the lengths were checked above,
+            // and the kernels read only whole blocks inside those slices.
+            return unsafe { F::avx2_weight_rows(w, x, d, s) };
+        }
+    }
+    w.map(|w| F::dot_scalar(w, x))
+}
+
+/// One weight row against four activation rows, as [`four_weight_rows`].
+fn four_activation_rows<F: Format>(
+    w: &[u8],
+    x: [&[u8]; LANES],
+    d: &[f32],
+    s: &[f32],
+) -> [f32; LANES] {
+    let nb = w.len() / F::W_BYTES;
+    assert!(w.len() == nb * F::W_BYTES && x.iter().all(|x| x.len() == nb * F::X_BYTES));
+    assert!(d.len() == nb * LANES && s.len() == nb * LANES);
+    #[cfg(target_arch = "x86_64")]
+    {
+        if available() {
+            // SAFETY: as above.
+            return unsafe { F::avx2_activation_rows(w, x, d, s) };
+        }
+    }
+    x.map(|x| F::dot_scalar(w, x))
 }
 
 /// The activation rows, with their scales per block converted to f32 once, both row by row
@@ -203,7 +259,7 @@ fn run<F: Format>(w: &QTensor, x: &Tensor) -> candle_core::Result<Option<Tensor>
                 for a in 0..full / LANES {
                     let xs: [&[u8]; LANES] = std::array::from_fn(|i| acts.row(a * LANES + i));
                     let (d, s) = acts.scales(a);
-                    let v = F::four_activation_rows(wrow(j), xs, d, s);
+                    let v = four_activation_rows::<F>(wrow(j), xs, d, s);
                     for (i, v) in v.into_iter().enumerate() {
                         put(a * LANES + i, j, v);
                     }
@@ -211,7 +267,7 @@ fn run<F: Format>(w: &QTensor, x: &Tensor) -> candle_core::Result<Option<Tensor>
             }
             for r in full..m {
                 let (d, s) = acts.row_scales(r);
-                let v = F::four_weight_rows(js.map(wrow), acts.row(r), d, s);
+                let v = four_weight_rows::<F>(js.map(wrow), acts.row(r), d, s);
                 for (lane, v) in v.into_iter().enumerate() {
                     if fresh(lane) {
                         put(r, js[lane], v);
@@ -328,12 +384,12 @@ mod tests {
         let row = |j: usize| &wb[j * 8 * F::W_BYTES..(j + 1) * 8 * F::W_BYTES];
         let bits = |v: [f32; 4]| v.map(f32::to_bits);
         let (d, s) = acts.row_scales(0);
-        let got = F::four_weight_rows([row(0), row(1), row(2), row(3)], acts.row(0), d, s);
+        let got = four_weight_rows::<F>([row(0), row(1), row(2), row(3)], acts.row(0), d, s);
         let want = [0, 1, 2, 3].map(|j| F::dot_scalar(row(j), acts.row(0)));
         assert_eq!(bits(got), bits(want), "{:?}, four weight rows", F::WEIGHTS);
         let (d, s) = acts.scales(0);
         let xs = [acts.row(0), acts.row(1), acts.row(2), acts.row(3)];
-        let got = F::four_activation_rows(row(2), xs, d, s);
+        let got = four_activation_rows::<F>(row(2), xs, d, s);
         let want = [0, 1, 2, 3].map(|r| F::dot_scalar(row(2), acts.row(r)));
         assert_eq!(
             bits(got),

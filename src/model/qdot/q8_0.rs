@@ -51,33 +51,19 @@ impl Format for Q8_0 {
         fold(acc)
     }
 
-    fn four_weight_rows(w: [&[u8]; LANES], x: &[u8], d: &[f32], s: &[f32]) -> [f32; LANES] {
-        let nb = x.len() / Self::X_BYTES;
-        assert!(w.iter().all(|w| w.len() == nb * Self::W_BYTES));
-        assert!(d.len() == nb && s.len() == nb);
-        #[cfg(target_arch = "x86_64")]
-        {
-            if super::available() {
-                // SAFETY: `available()` checked AVX2, FMA and F16C; the lengths were checked
-                // above, and the kernel reads only whole blocks inside those slices.
-                return unsafe { avx2::four_weight_rows(w, x, d) };
-            }
-        }
-        w.map(|w| Self::dot_scalar(w, x))
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn avx2_weight_rows(w: [&[u8]; LANES], x: &[u8], d: &[f32], _s: &[f32]) -> [f32; LANES] {
+        avx2::four_weight_rows(w, x, d)
     }
 
-    fn four_activation_rows(w: &[u8], x: [&[u8]; LANES], d: &[f32], s: &[f32]) -> [f32; LANES] {
-        let nb = w.len() / Self::W_BYTES;
-        assert!(x.iter().all(|x| x.len() == nb * Self::X_BYTES));
-        assert!(d.len() == nb * LANES && s.len() == nb * LANES);
-        #[cfg(target_arch = "x86_64")]
-        {
-            if super::available() {
-                // SAFETY: as above.
-                return unsafe { avx2::four_activation_rows(w, x, d) };
-            }
-        }
-        x.map(|x| Self::dot_scalar(w, x))
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn avx2_activation_rows(
+        w: &[u8],
+        x: [&[u8]; LANES],
+        d: &[f32],
+        _s: &[f32],
+    ) -> [f32; LANES] {
+        avx2::four_activation_rows(w, x, d)
     }
 }
 
