@@ -340,7 +340,7 @@ fn log_normaliser(logits: &[f32]) -> Option<(f32, f32)> {
 }
 
 /// Index of the first maximum, ignoring NaN.
-fn argmax(logits: &[f32]) -> Option<u32> {
+pub(crate) fn argmax(logits: &[f32]) -> Option<u32> {
     let mut best: Option<(usize, f32)> = None;
     for (i, &l) in logits.iter().enumerate() {
         if l.is_nan() {

@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 use candle_core::Device;
 use serde::Serialize;
 
-use super::{filler_prompt, median, BenchError};
+use super::{filler_prompt, median, prefill, BenchError};
 use crate::model::{self, KvCache, ModelError};
+use crate::sampler::argmax;
 use crate::vocab;
 
 /// One batch size's figures (medians over the runs).
@@ -37,17 +38,6 @@ pub struct BatchReport {
     pub points: Vec<BatchPoint>,
 }
 
-/// Greedy argmax of one row of logits.
-fn argmax(row: &[f32]) -> u32 {
-    let mut best = (0usize, f32::NEG_INFINITY);
-    for (i, &v) in row.iter().enumerate() {
-        if v > best.1 {
-            best = (i, v);
-        }
-    }
-    best.0 as u32
-}
-
 /// For each batch size: that many sequences, each prefilled with its own `prompt_tokens`-token
 /// prompt (the filler text from a different offset), then `gen_tokens` batched greedy steps.
 ///
@@ -67,14 +57,7 @@ pub fn run(
         return Err(BenchError::EmptyBatch);
     }
     let loaded = model::load(path, device)?;
-    let context = loaded.spec.context_length;
-    if cfg.prompt_tokens + cfg.gen_tokens > context || cfg.prompt_tokens == 0 {
-        return Err(BenchError::TooLong {
-            prompt: cfg.prompt_tokens,
-            gen: cfg.gen_tokens,
-            context,
-        });
-    }
+    cfg.fits(loaded.spec.context_length)?;
     let tokenizer = vocab::tokenizer_from_gguf(&loaded.file)?;
     let w = &loaded.weights;
     let mut points: Vec<BatchPoint> = Vec::new();
@@ -86,14 +69,8 @@ pub fn run(
             for i in 0..size {
                 let prompt = filler_prompt(&tokenizer, cfg.prompt_tokens, i)?;
                 let mut cache = w.new_cache();
-                let mut logits = Vec::new();
-                for chunk in prompt.chunks(512) {
-                    logits = w
-                        .forward(chunk, &mut cache)?
-                        .to_vec1::<f32>()
-                        .map_err(ModelError::from)?;
-                }
-                next.push(argmax(&logits));
+                let logits = prefill(w, &prompt, &mut cache)?;
+                next.push(argmax(&logits).unwrap_or(0));
                 caches.push(cache);
             }
             let t = Instant::now();
@@ -103,7 +80,7 @@ pub fn run(
                     .forward_batch(&next, &mut refs)?
                     .to_vec2::<f32>()
                     .map_err(ModelError::from)?;
-                next = logits.iter().map(|row| argmax(row)).collect();
+                next = logits.iter().map(|row| argmax(row).unwrap_or(0)).collect();
             }
             let secs = t.elapsed().max(Duration::from_nanos(1)).as_secs_f64();
             speeds.push((size * cfg.gen_tokens) as f64 / secs);

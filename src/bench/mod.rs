@@ -40,6 +40,37 @@ pub struct BenchConfig {
     pub runs: usize,
 }
 
+impl BenchConfig {
+    /// The prompt and the generated tokens fit a context of `context` positions.
+    fn fits(&self, context: usize) -> Result<(), BenchError> {
+        if self.prompt_tokens + self.gen_tokens > context || self.prompt_tokens == 0 {
+            return Err(BenchError::TooLong {
+                prompt: self.prompt_tokens,
+                gen: self.gen_tokens,
+                context,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Evaluate `prompt` into `cache` in 512-token chunks (as the engine does when nothing else
+/// runs); returns the last position's logits.
+fn prefill(
+    weights: &crate::model::Transformer,
+    prompt: &[u32],
+    cache: &mut crate::model::KvCache,
+) -> Result<Vec<f32>, BenchError> {
+    let mut logits = Vec::new();
+    for chunk in prompt.chunks(512) {
+        logits = weights
+            .forward(chunk, cache)?
+            .to_vec1::<f32>()
+            .map_err(ModelError::from)?;
+    }
+    Ok(logits)
+}
+
 /// Medians over the runs.
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
@@ -113,32 +144,19 @@ pub fn run(
     if cfg.runs == 0 {
         return Err(BenchError::NoRuns);
     }
-    let (mut prefill, mut decode, mut load) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut prefill_speeds, mut decode, mut load) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..cfg.runs {
         let t0 = Instant::now();
         let loaded = model::load(path, device)?;
         load.push(t0.elapsed().as_secs_f64());
-        let context = loaded.spec.context_length;
-        if cfg.prompt_tokens + cfg.gen_tokens > context || cfg.prompt_tokens == 0 {
-            return Err(BenchError::TooLong {
-                prompt: cfg.prompt_tokens,
-                gen: cfg.gen_tokens,
-                context,
-            });
-        }
+        cfg.fits(loaded.spec.context_length)?;
         let tokenizer = vocab::tokenizer_from_gguf(&loaded.file)?;
         let prompt = filler_prompt(&tokenizer, cfg.prompt_tokens, 0)?;
         let weights = &loaded.weights;
         let mut cache = weights.new_cache();
         let t1 = Instant::now();
-        let mut logits = Vec::new();
-        for chunk in prompt.chunks(512) {
-            logits = weights
-                .forward(chunk, &mut cache)?
-                .to_vec1::<f32>()
-                .map_err(ModelError::from)?;
-        }
-        prefill.push(cfg.prompt_tokens as f64 / t1.elapsed().as_secs_f64());
+        let mut logits = prefill(weights, &prompt, &mut cache)?;
+        prefill_speeds.push(cfg.prompt_tokens as f64 / t1.elapsed().as_secs_f64());
         let mut sampler = Sampler::new(SamplingParams::greedy());
         let mut history = prompt.clone();
         let t2 = Instant::now();
@@ -159,7 +177,7 @@ pub fn run(
         gen_tokens: cfg.gen_tokens,
         runs: cfg.runs,
         threads: candle_core::utils::get_num_threads(),
-        prefill_tokens_per_s: median(prefill),
+        prefill_tokens_per_s: median(prefill_speeds),
         decode_tokens_per_s: median(decode),
         load_s: median(load),
         peak_rss_bytes: peak_rss_bytes(),

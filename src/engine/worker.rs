@@ -299,22 +299,24 @@ fn serve(
         let mut batched = batched.into_iter();
         active.retain_mut(|seq| {
             let done_in_batch = batched.next().flatten();
-            let reading_prompt = seq.evaluated < seq.request.prompt.len();
             let outcome = if let Some(step) = done_in_batch {
                 step
             } else if seq.events.is_closed() {
                 Step::Cancelled
-            } else if decoding(seq) || !generating {
-                if reading_prompt {
+            } else {
+                let chunk = if decoding(seq) || !generating {
+                    PREFILL_CHUNK
+                } else if prompt_turn_taken {
+                    // A prompt waiting for its turn keeps its place.
+                    return true;
+                } else {
+                    prompt_turn_taken = true;
+                    shared_chunk
+                };
+                if seq.evaluated < seq.request.prompt.len() {
                     stats.prompt_chunks.fetch_add(1, Ordering::Relaxed);
                 }
-                step(cx, seq, PREFILL_CHUNK).unwrap_or_else(|e| fail(seq, &e))
-            } else if !prompt_turn_taken {
-                prompt_turn_taken = true;
-                stats.prompt_chunks.fetch_add(1, Ordering::Relaxed);
-                step(cx, seq, shared_chunk).unwrap_or_else(|e| fail(seq, &e))
-            } else {
-                Step::Continue
+                step(cx, seq, chunk).unwrap_or_else(|e| fail(seq, &e))
             };
             let counter = match outcome {
                 Step::Continue => return true,

@@ -91,26 +91,25 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let k = x.dim(D::Minus1)?;
         let rows = x.elem_count() / k.max(1);
-        if let Some((w, _)) = &self.dense {
-            // This crate's kernels, faster than both paths below up to 160 rows (for a 64-token
-            // prompt chunk of SmolLM2, 1.9x the dense path, which dequantizes whole matrices).
-            if let Some(y) = super::qdot::matmul(w, x)? {
-                return Ok(y);
-            }
+        let Some((w, act)) = &self.dense else {
+            return self.matmul.forward(x);
+        };
+        // This crate's kernels, faster than both paths below up to 160 rows (for a 64-token
+        // prompt chunk of SmolLM2, 1.9x the dense path, which dequantizes whole matrices).
+        if let Some(y) = super::qdot::matmul(w, x)? {
+            return Ok(y);
         }
-        match &self.dense {
-            Some((w, act)) if rows >= DENSE_MIN_ROWS && k % act.block_size() == 0 => {
-                let device = x.device();
-                let xq = quantize_rows(x, rows, k, *act)?.dequantize(device)?;
-                let w = w.dequantize(device)?;
-                let y = xq.matmul(&w.t()?)?;
-                let mut shape = x.dims().to_vec();
-                if let Some(last) = shape.last_mut() {
-                    *last = y.dim(1)?;
-                }
-                y.reshape(shape)
-            }
-            _ => self.matmul.forward(x),
+        if rows < DENSE_MIN_ROWS || k % act.block_size() != 0 {
+            return self.matmul.forward(x);
         }
+        let device = x.device();
+        let xq = quantize_rows(x, rows, k, *act)?.dequantize(device)?;
+        let w = w.dequantize(device)?;
+        let y = xq.matmul(&w.t()?)?;
+        let mut shape = x.dims().to_vec();
+        if let Some(last) = shape.last_mut() {
+            *last = y.dim(1)?;
+        }
+        y.reshape(shape)
     }
 }

@@ -22,6 +22,8 @@
 mod q4_1;
 mod q5_0;
 mod q8_0;
+#[cfg(target_arch = "x86_64")]
+mod simd;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 

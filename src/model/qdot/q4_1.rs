@@ -53,22 +53,12 @@ impl Format for Q4_1 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
+    use super::super::simd::{to_array, totals, unpack};
     use super::LANES;
     use std::arch::x86_64::*;
 
     const W_BYTES: usize = 20;
     const X_BYTES: usize = 36;
-
-    /// 16 bytes of packed nibbles as 32 bytes: the low nibbles, then the high. The bytes are
-    /// loaded into both halves of the vector and the upper half shifted (a load and two
-    /// arithmetic operations, keeping the shuffle port free for the sums).
-    #[target_feature(enable = "avx2")]
-    pub(in crate::model::qdot) unsafe fn unpack(q: *const u8) -> __m256i {
-        // SAFETY (caller): `q` points at 16 readable bytes.
-        let both = _mm256_broadcastsi128_si256(_mm_loadu_si128(q.cast()));
-        let shifted = _mm256_srlv_epi64(both, _mm256_set_epi64x(4, 4, 0, 0));
-        _mm256_and_si256(shifted, _mm256_set1_epi8(0x0F))
-    }
 
     /// A weight block's 32 nibbles as bytes: the low nibbles of its 16 bytes, then the high.
     #[target_feature(enable = "avx2")]
@@ -86,26 +76,11 @@ mod avx2 {
         _mm256_madd_epi16(_mm256_maddubs_epi16(wq, xq), _mm256_set1_epi16(1))
     }
 
-    /// Four vectors of partial sums to their four exact totals.
-    #[target_feature(enable = "avx2")]
-    pub(in crate::model::qdot) unsafe fn totals(p: [__m256i; LANES]) -> __m128 {
-        let h = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
-        let t = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
-        _mm_cvtepi32_ps(t)
-    }
-
     /// One block's contribution in each lane, in the scalar code's order:
     /// `sumi * d_w * d_x + m_w * s_x` (separate multiplies and adds, never fused).
     #[target_feature(enable = "avx2")]
     unsafe fn scaled(sumi: __m128, dw: __m128, mw: __m128, dx: __m128, sx: __m128) -> __m128 {
         _mm_add_ps(_mm_mul_ps(_mm_mul_ps(sumi, dw), dx), _mm_mul_ps(mw, sx))
-    }
-
-    pub(in crate::model::qdot) fn to_array(v: __m128) -> [f32; LANES] {
-        let mut out = [0f32; LANES];
-        // SAFETY: `out` has room for four f32; the store is unaligned.
-        unsafe { _mm_storeu_ps(out.as_mut_ptr(), v) };
-        out
     }
 
     /// # Safety
@@ -179,6 +154,3 @@ mod avx2 {
         to_array(acc)
     }
 }
-
-#[cfg(target_arch = "x86_64")]
-pub(super) use avx2::{to_array, totals, unpack};

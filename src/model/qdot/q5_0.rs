@@ -58,7 +58,7 @@ impl Format for Q5_0 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::super::q4_1::{to_array, totals, unpack};
+    use super::super::simd::{to_array, totals, unpack};
     use super::LANES;
     use std::arch::x86_64::*;
 
