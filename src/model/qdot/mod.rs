@@ -19,11 +19,14 @@
 
 #![allow(unsafe_code)]
 
+pub mod packed;
 mod q4_1;
 mod q5_0;
 mod q8_0;
 #[cfg(target_arch = "x86_64")]
 mod simd;
+#[cfg(target_arch = "x86_64")]
+mod vnni;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 

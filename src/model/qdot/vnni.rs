@@ -1,0 +1,85 @@
+//! The AVX-512 VNNI kernel over packed weights (`packed.rs`): sixteen weight rows, one per lane
+//! of a vector, against up to four activation rows.
+//!
+//! Because each lane is a weight row, a block's integer sums come out of `vpdpbusd` already
+//! separated by row: no horizontal sums, no shuffles. Each lane then applies its block's
+//! scales with separate multiplies and adds in the scalar code's order (`sumi * d_w * d_x`,
+//! plus `m_w * s_x` for Q4_1), and adds the block to its running total: every lane computes
+//! exactly what [`super::Format::dot_scalar`] computes for its row, bit for bit.
+#![allow(unsafe_code)]
+
+use std::arch::x86_64::*;
+
+use super::packed::{Group, Row, CHUNKS, ROWS};
+
+/// `C` activation rows against the group's sixteen weight rows: `out[c][lane]`. `Q5` selects
+/// Q5_0 (fifth bits, no minimum) over Q4_1.
+///
+/// # Safety
+/// AVX-512 F, BW and VNNI are present. `g.quants` holds `g.blocks * CHUNKS` chunks,
+/// `g.scales` `g.blocks * 16` values (32 for Q4_1), `g.high` `g.blocks * 8` masks for Q5_0;
+/// every row has `g.blocks` blocks of `x_bytes` bytes (quants at `x_quants..x_quants + 32`)
+/// and `g.blocks` values in `d`, and in `s` (Q4_1) or `sum16` (Q5_0).
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub(super) unsafe fn tile<const C: usize, const Q5: bool>(
+    g: Group<'_>,
+    rows: [Row<'_>; C],
+    x_bytes: usize,
+    x_quants: usize,
+) -> [[f32; ROWS]; C] {
+    let low = _mm512_set1_epi8(0x0F);
+    let sixteen = _mm512_set1_epi8(16);
+    let per_block = if Q5 { ROWS } else { 2 * ROWS };
+    let mut acc = [_mm512_setzero_ps(); C];
+    for b in 0..g.blocks {
+        // Chunk p holds values 4p..4p+4 of every row in its low nibbles and 16+4p.. in its high.
+        let q = g.quants.as_ptr().add(b * CHUNKS);
+        let mut w = [_mm512_setzero_si512(); 8];
+        for p in 0..CHUNKS {
+            let z = _mm512_load_si512(q.add(p).cast());
+            w[p] = _mm512_and_si512(z, low);
+            w[p + CHUNKS] = _mm512_and_si512(_mm512_srli_epi16::<4>(z), low);
+        }
+        if Q5 {
+            let h = g.high.as_ptr().add(b * 8);
+            for (t, wt) in w.iter_mut().enumerate() {
+                *wt = _mm512_mask_add_epi8(*wt, h.add(t).read(), *wt, sixteen);
+            }
+        }
+        let sc = g.scales.as_ptr().add(b * per_block);
+        let dw = _mm512_cvtph_ps(_mm256_loadu_si256(sc.cast()));
+        let mw = if Q5 {
+            _mm512_setzero_ps()
+        } else {
+            _mm512_cvtph_ps(_mm256_loadu_si256(sc.add(ROWS).cast()))
+        };
+        for c in 0..C {
+            let r = rows[c];
+            let x = r.bytes.as_ptr().add(b * x_bytes + x_quants);
+            let word = |t: usize| _mm512_set1_epi32(x.add(4 * t).cast::<i32>().read_unaligned());
+            // Two chains of four, so that one product need not wait for the last.
+            let mut s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], word(0));
+            let mut s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[1], word(1));
+            for t in (2..8).step_by(2) {
+                s0 = _mm512_dpbusd_epi32(s0, w[t], word(t));
+                s1 = _mm512_dpbusd_epi32(s1, w[t + 1], word(t + 1));
+            }
+            let mut s = _mm512_add_epi32(s0, s1);
+            if Q5 {
+                s = _mm512_sub_epi32(s, _mm512_set1_epi32(*r.sum16.get_unchecked(b)));
+            }
+            let dx = _mm512_set1_ps(*r.d.get_unchecked(b));
+            let mut f = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s), dw), dx);
+            if !Q5 {
+                let sx = _mm512_set1_ps(*r.s.get_unchecked(b));
+                f = _mm512_add_ps(f, _mm512_mul_ps(mw, sx));
+            }
+            acc[c] = _mm512_add_ps(acc[c], f);
+        }
+    }
+    let mut out = [[0f32; ROWS]; C];
+    for (o, a) in out.iter_mut().zip(acc) {
+        _mm512_storeu_ps(o.as_mut_ptr(), a);
+    }
+    out
+}
