@@ -278,7 +278,7 @@ fn fma8(acc: &mut [f32; 8], w: f32, x: &[f32]) {
 /// The sum of the exponentials, in the order candle's softmax adds them on x86 with AVX (four
 /// eight-lane accumulators over blocks of 32, folded pairwise, then the rest one by one), so
 /// that the probabilities have the same bits as candle's.
-fn softmax_sum(xs: &[f32]) -> f32 {
+pub(super) fn softmax_sum(xs: &[f32]) -> f32 {
     let blocks = xs.chunks_exact(32);
     let rest = blocks.remainder();
     let mut acc = [[0f32; 8]; 4];

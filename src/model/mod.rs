@@ -6,6 +6,7 @@
 mod cache;
 mod decode_attn;
 mod device;
+mod fused;
 mod linear;
 mod qdot;
 mod transformer;

@@ -23,6 +23,7 @@ use candle_core::{DType, Device, Tensor, D};
 
 use super::cache::KvCache;
 use super::decode_attn;
+use super::fused;
 use super::linear::Linear;
 use super::ModelError;
 
@@ -423,11 +424,10 @@ impl Transformer {
         let x = (x + h)?;
         let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
         let gate = layer.gate.forward(&h)?;
-        let gate = match self.cfg.activation {
-            Activation::Silu => candle_nn::ops::silu(&gate)?,
-            Activation::GeluTanh => gate.gelu()?,
-        };
-        let h = layer.down.forward(&(gate * layer.up.forward(&h)?)?)?;
+        let up = layer.up.forward(&h)?;
+        let h = layer
+            .down
+            .forward(&fused::gated(&gate, &up, self.cfg.activation)?)?;
         let h = match &layer.post_ffn_norm {
             Some(w) => candle_nn::ops::rms_norm(&h, w, eps)?,
             None => h,
@@ -492,7 +492,7 @@ impl Transformer {
             Some(mask) => scores.broadcast_add(&mask)?,
             None => scores,
         };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let probs = fused::softmax_last_dim(&scores)?;
         let out = probs.matmul(&v_all)?;
         let out = out
             .reshape((b, cfg.n_heads, seq_len, cfg.head_dim))?
