@@ -19,6 +19,7 @@
 
 #![allow(unsafe_code)]
 
+mod acts;
 pub mod packed;
 mod q4_1;
 mod q5_0;

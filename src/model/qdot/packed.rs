@@ -20,7 +20,7 @@ use std::sync::Mutex;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 
-use super::{f16, BLOCK};
+use super::BLOCK;
 
 /// Weight rows per group (lanes of a 512-bit vector of i32).
 pub(super) const ROWS: usize = 16;
@@ -28,6 +28,8 @@ pub(super) const ROWS: usize = 16;
 pub(super) const CHUNKS: usize = 4;
 /// Activation rows per kernel call.
 const TILE: usize = 4;
+/// Activation rows from which the work is shared out by rows instead of by weight groups.
+const PROMPT_ROWS: usize = 32;
 
 /// 64 bytes, aligned for whole-vector loads.
 #[repr(C, align(64))]
@@ -39,7 +41,7 @@ pub(super) struct Chunk(pub [u8; 64]);
 /// weights are stored with 16 added so that they are unsigned).
 #[derive(Clone, Copy)]
 pub(super) struct Row<'a> {
-    /// The row's blocks, `x_bytes` each, their 32 quants at `x_quants`.
+    /// The row's quants, 32 per block.
     pub bytes: &'a [u8],
     pub d: &'a [f32],
     pub s: &'a [f32],
@@ -149,15 +151,6 @@ impl Packed {
         }))
     }
 
-    /// The activations' format.
-    fn acts(&self) -> GgmlDType {
-        if self.q5 {
-            GgmlDType::Q8_0
-        } else {
-            GgmlDType::Q8_1
-        }
-    }
-
     /// `x @ w^T` for `x` `(..., k)` on the CPU.
     ///
     /// # Errors
@@ -169,78 +162,76 @@ impl Packed {
             candle_core::bail!("packed matmul: input is {width} wide, weights {k}");
         }
         let m = x.elem_count() / k;
-        let xq = super::super::linear::quantize_rows(x, m, k, self.acts())?;
-        let xb = xq.data()?;
-        let (x_bytes, x_quants) = if self.q5 { (34, 2) } else { (36, 4) };
-        if xb.len() != m * blocks * x_bytes {
-            candle_core::bail!("packed matmul: unexpected activation size");
-        }
-        let half = |at: usize| f16(&xb[at..at + 2]);
-        let d: Vec<f32> = (0..m * blocks).map(|i| half(i * x_bytes)).collect();
-        let (s, sum16): (Vec<f32>, Vec<i32>) = if self.q5 {
-            let sum = |i: usize| {
-                let q = &xb[i * x_bytes + 2..i * x_bytes + 34];
-                16 * q.iter().map(|&v| i32::from(v as i8)).sum::<i32>()
-            };
-            (Vec::new(), (0..m * blocks).map(sum).collect())
-        } else {
-            (
-                (0..m * blocks).map(|i| half(i * x_bytes + 2)).collect(),
-                Vec::new(),
-            )
-        };
+        let xq = super::acts::quantize(x, m, k, self.q5)?;
         let row = |r: usize| {
             let span = r * blocks..(r + 1) * blocks;
             Row {
-                bytes: &xb[r * blocks * x_bytes..(r + 1) * blocks * x_bytes],
-                d: &d[span.clone()],
-                s: if self.q5 { &[] } else { &s[span.clone()] },
-                sum16: if self.q5 { &sum16[span] } else { &[] },
+                bytes: &xq.q[r * k..(r + 1) * k],
+                d: &xq.d[span.clone()],
+                s: if self.q5 { &[] } else { &xq.s[span.clone()] },
+                sum16: if self.q5 { &xq.sum16[span] } else { &[] },
             }
         };
         let groups = n.div_ceil(ROWS);
-        // Each group's results, `(m, 16)`, in a slice of their own (one lock each, never
-        // contended), gathered into `(m, n)` afterwards.
-        let mut results = vec![0f32; groups * m * ROWS];
-        let slots: Vec<Mutex<&mut [f32]>> = results.chunks_mut(m * ROWS).map(Mutex::new).collect();
-        let per_block = if self.q5 { ROWS } else { 2 * ROWS };
-        candle_core::utils::barrier_pool().execute_chunked(groups, |range| {
-            for g in range {
-                let group = Group {
-                    quants: &self.quants[g * blocks * CHUNKS..(g + 1) * blocks * CHUNKS],
-                    scales: &self.scales[g * blocks * per_block..(g + 1) * blocks * per_block],
-                    high: if self.q5 {
-                        &self.high[g * blocks * 8..(g + 1) * blocks * 8]
-                    } else {
-                        &[]
-                    },
-                    blocks,
-                };
-                let Ok(mut out) = slots[g].lock() else {
-                    continue;
-                };
-                let mut r = 0;
-                while r + TILE <= m {
-                    let rows: [_; TILE] = std::array::from_fn(|i| row(r + i));
-                    let y = self.tile(group, rows, x_bytes, x_quants);
-                    for (i, y) in y.iter().enumerate() {
-                        out[(r + i) * ROWS..(r + i + 1) * ROWS].copy_from_slice(y);
-                    }
-                    r += TILE;
-                }
-                for r in r..m {
-                    let [y] = self.tile(group, [row(r)], x_bytes, x_quants);
-                    out[r * ROWS..(r + 1) * ROWS].copy_from_slice(&y);
-                }
-            }
-        });
-        drop(slots);
         let mut y = vec![0f32; m * n];
-        for (g, res) in results.chunks(m * ROWS).enumerate() {
+        // Rows `rows` against group `g`, into `out`: row `r`'s results at
+        // `(r - rows.start) * stride + col`.
+        let run = |g: usize, rows: std::ops::Range<usize>, out: &mut [f32], stride, col| {
+            let group = self.group(g);
             let cols = ROWS.min(n - g * ROWS);
-            for r in 0..m {
-                y[r * n + g * ROWS..r * n + g * ROWS + cols]
-                    .copy_from_slice(&res[r * ROWS..r * ROWS + cols]);
+            let base = rows.start;
+            let mut put = |r: usize, v: &[f32; ROWS]| {
+                let at = (r - base) * stride + col;
+                out[at..at + cols].copy_from_slice(&v[..cols]);
+            };
+            let mut r = rows.start;
+            while r + TILE <= rows.end {
+                let tile: [_; TILE] = std::array::from_fn(|i| row(r + i));
+                for (i, v) in self.tile(group, tile).iter().enumerate() {
+                    put(r + i, v);
+                }
+                r += TILE;
+            }
+            for r in r..rows.end {
+                let [v] = self.tile(group, [row(r)]);
+                put(r, &v);
+            }
+        };
+        if m >= PROMPT_ROWS {
+            // Prompts: work items are spans of rows, each writing its own rows of the result;
+            // a span reads all the weights, which stay in cache between its tiles.
+            let span = (m / 8).next_multiple_of(TILE).clamp(TILE, 64);
+            let slots: Vec<Mutex<&mut [f32]>> = y.chunks_mut(span * n).map(Mutex::new).collect();
+            candle_core::utils::barrier_pool().execute_chunked(slots.len(), |items| {
+                for i in items {
+                    if let Ok(mut out) = slots[i].lock() {
+                        let rows = i * span..((i + 1) * span).min(m);
+                        for g in 0..groups {
+                            run(g, rows.clone(), &mut out, n, g * ROWS);
+                        }
+                    }
+                }
+            });
+        } else {
+            // Decode steps: work items are groups of weight rows, each with its own `(m, 16)`
+            // result, gathered into `y` afterwards.
+            let mut parts = vec![0f32; groups * m * ROWS];
+            let slots: Vec<Mutex<&mut [f32]>> =
+                parts.chunks_mut(m * ROWS).map(Mutex::new).collect();
+            candle_core::utils::barrier_pool().execute_chunked(groups, |items| {
+                for g in items {
+                    if let Ok(mut out) = slots[g].lock() {
+                        run(g, 0..m, &mut out, ROWS, 0);
+                    }
+                }
+            });
+            drop(slots);
+            for (g, part) in parts.chunks(m * ROWS).enumerate() {
+                let cols = ROWS.min(n - g * ROWS);
+                for r in 0..m {
+                    y[r * n + g * ROWS..r * n + g * ROWS + cols]
+                        .copy_from_slice(&part[r * ROWS..r * ROWS + cols]);
+                }
             }
         }
         let mut shape = x.dims().to_vec();
@@ -250,20 +241,29 @@ impl Packed {
         Tensor::from_vec(y, (m, n), &Device::Cpu)?.reshape(shape)
     }
 
+    /// Group `g`'s weights.
+    fn group(&self, g: usize) -> Group<'_> {
+        let blocks = self.blocks;
+        let per_block = if self.q5 { ROWS } else { 2 * ROWS };
+        Group {
+            quants: &self.quants[g * blocks * CHUNKS..(g + 1) * blocks * CHUNKS],
+            scales: &self.scales[g * blocks * per_block..(g + 1) * blocks * per_block],
+            high: if self.q5 {
+                &self.high[g * blocks * 8..(g + 1) * blocks * 8]
+            } else {
+                &[]
+            },
+            blocks,
+        }
+    }
+
     /// The kernel for one group and `C` rows, the lengths checked first.
-    fn tile<const C: usize>(
-        &self,
-        g: Group<'_>,
-        rows: [Row<'_>; C],
-        x_bytes: usize,
-        x_quants: usize,
-    ) -> [[f32; ROWS]; C] {
+    fn tile<const C: usize>(&self, g: Group<'_>, rows: [Row<'_>; C]) -> [[f32; ROWS]; C] {
         let b = g.blocks;
         let per_block = if self.q5 { ROWS } else { 2 * ROWS };
         assert!(g.quants.len() == b * CHUNKS && g.scales.len() == b * per_block);
         assert!(!self.q5 || g.high.len() == b * 8);
-        assert!(rows.iter().all(|r| r.bytes.len() == b * x_bytes
-            && x_quants + BLOCK <= x_bytes
+        assert!(rows.iter().all(|r| r.bytes.len() == b * BLOCK
             && r.d.len() == b
             && (if self.q5 { r.sum16.len() } else { r.s.len() }) == b));
         assert!(available());
@@ -272,9 +272,9 @@ impl Packed {
         // the lengths the kernel reads were checked above.
         unsafe {
             if self.q5 {
-                super::vnni::tile::<C, true>(g, rows, x_bytes, x_quants)
+                super::vnni::tile::<C, true>(g, rows)
             } else {
-                super::vnni::tile::<C, false>(g, rows, x_bytes, x_quants)
+                super::vnni::tile::<C, false>(g, rows)
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -301,6 +301,7 @@ mod tests {
                 (16, 64, 4),
                 (21, 160, 2),
                 (48, 96, 37),
+                (33, 64, 130),
             ] {
                 let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
                 let q = QTensor::quantize(&w, dtype).unwrap();

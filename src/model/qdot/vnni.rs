@@ -11,6 +11,7 @@
 use std::arch::x86_64::*;
 
 use super::packed::{Group, Row, CHUNKS, ROWS};
+use super::BLOCK;
 
 /// `C` activation rows against the group's sixteen weight rows: `out[c][lane]`. `Q5` selects
 /// Q5_0 (fifth bits, no minimum) over Q4_1.
@@ -18,14 +19,12 @@ use super::packed::{Group, Row, CHUNKS, ROWS};
 /// # Safety
 /// AVX-512 F, BW and VNNI are present. `g.quants` holds `g.blocks * CHUNKS` chunks,
 /// `g.scales` `g.blocks * 16` values (32 for Q4_1), `g.high` `g.blocks * 8` masks for Q5_0;
-/// every row has `g.blocks` blocks of `x_bytes` bytes (quants at `x_quants..x_quants + 32`)
+/// every row has `g.blocks` blocks of 32 signed bytes
 /// and `g.blocks` values in `d`, and in `s` (Q4_1) or `sum16` (Q5_0).
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 pub(super) unsafe fn tile<const C: usize, const Q5: bool>(
     g: Group<'_>,
     rows: [Row<'_>; C],
-    x_bytes: usize,
-    x_quants: usize,
 ) -> [[f32; ROWS]; C] {
     let low = _mm512_set1_epi8(0x0F);
     let sixteen = _mm512_set1_epi8(16);
@@ -55,7 +54,7 @@ pub(super) unsafe fn tile<const C: usize, const Q5: bool>(
         };
         for c in 0..C {
             let r = rows[c];
-            let x = r.bytes.as_ptr().add(b * x_bytes + x_quants);
+            let x = r.bytes.as_ptr().add(b * BLOCK);
             let word = |t: usize| _mm512_set1_epi32(x.add(4 * t).cast::<i32>().read_unaligned());
             // Two chains of four, so that one product need not wait for the last.
             let mut s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], word(0));
