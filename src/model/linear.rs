@@ -23,7 +23,7 @@ pub const DENSE_MIN_ROWS: usize = 16;
 pub enum Linear {
     /// Q4_1 and Q5_0 on a CPU with AVX-512 VNNI: packed for this crate's int8 kernel, the
     /// fastest path for any number of rows. The file's copy of the weights is not kept.
-    Packed(Packed),
+    Packed(Arc<Packed>),
     Quantized {
         matmul: QMatMul,
         /// The quantized weights and the activation format of their dot product, kept for the
@@ -86,7 +86,7 @@ fn vec_dot_type(t: GgmlDType) -> Option<GgmlDType> {
 impl Linear {
     pub fn new(weights: Arc<QTensor>) -> candle_core::Result<Self> {
         if let Some(packed) = Packed::new(&weights)? {
-            return Ok(Self::Packed(packed));
+            return Ok(Self::Packed(Arc::new(packed)));
         }
         let dense = match vec_dot_type(weights.dtype()) {
             Some(act) if weights.device().is_cpu() => Some((weights.clone(), act)),

@@ -25,6 +25,7 @@ use super::cache::KvCache;
 use super::decode_attn;
 use super::fused;
 use super::linear::Linear;
+use super::qdot::packed::Packed;
 use super::ModelError;
 
 /// Which rotation the Q/K heads get.
@@ -93,10 +94,29 @@ struct Layer {
     rope_base: f32,
 }
 
+/// The token embedding: quantized rows, dequantized on lookup.
+enum Embedding {
+    Quantized(Arc<QTensor>),
+    /// Packed for the CPU kernels, shared with the (tied) vocabulary projection.
+    Packed(Arc<Packed>),
+}
+
+impl Embedding {
+    /// The rows of `tokens`, `(tokens.len(), hidden)`.
+    fn lookup(&self, tokens: &[u32], device: &Device) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Quantized(q) => {
+                q.embedding(&Tensor::from_slice(tokens, (tokens.len(),), device)?)
+            }
+            Self::Packed(p) => p.rows(tokens),
+        }
+    }
+}
+
 /// The weights of one model, immutable after load; sequences bring their own caches.
 pub struct Transformer {
     cfg: Config,
-    embed: Arc<QTensor>,
+    embed: Embedding,
     layers: Vec<Layer>,
     out_norm: Tensor,
     output: Linear,
@@ -151,10 +171,23 @@ impl Transformer {
         src: &mut dyn TensorSource,
         device: &Device,
     ) -> Result<Self, ModelError> {
-        let embed = Arc::new(required(src, "token_embd.weight")?);
-        let output = match src.load("output.weight")? {
-            Some(t) => Linear::new(Arc::new(t))?,
-            None => Linear::new(embed.clone())?,
+        let embed = required(src, "token_embd.weight")?;
+        let (embed, output) = match src.load("output.weight")? {
+            Some(t) => (
+                Embedding::Quantized(Arc::new(embed)),
+                Linear::new(Arc::new(t))?,
+            ),
+            // Tied: one copy serves the lookups and the vocabulary projection.
+            None => match Packed::new(&embed)? {
+                Some(p) => {
+                    let p = Arc::new(p);
+                    (Embedding::Packed(p.clone()), Linear::Packed(p))
+                }
+                None => {
+                    let e = Arc::new(embed);
+                    (Embedding::Quantized(e.clone()), Linear::new(e)?)
+                }
+            },
         };
         let out_norm = dense(required(src, "output_norm.weight")?, device)?;
         let rope_freqs = match src.load("rope_freqs.weight")? {
@@ -256,8 +289,7 @@ impl Transformer {
                 limit: self.cfg.context_length,
             });
         }
-        let ids = Tensor::from_slice(tokens, (seq_len,), &self.device)?;
-        let mut x = self.embed.embedding(&ids)?.unsqueeze(0)?;
+        let mut x = self.embed.lookup(tokens, &self.device)?.unsqueeze(0)?;
         if self.cfg.scale_embeddings {
             x = (x * (self.cfg.hidden as f64).sqrt())?;
         }
@@ -305,8 +337,7 @@ impl Transformer {
                 limit: self.cfg.context_length,
             });
         }
-        let ids = Tensor::from_slice(tokens, (n,), &self.device)?;
-        let mut x = self.embed.embedding(&ids)?.unsqueeze(1)?;
+        let mut x = self.embed.lookup(tokens, &self.device)?.unsqueeze(1)?;
         if self.cfg.scale_embeddings {
             x = (x * (self.cfg.hidden as f64).sqrt())?;
         }

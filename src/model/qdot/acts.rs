@@ -1,6 +1,6 @@
 //! Activations quantized for the packed kernel: per 32-value block, 32 signed bytes, the f32
-//! value of the block's f16 scale, and Q8_1's f16 scaled sum (for Q4_1 weights) or 16 times
-//! the sum of the bytes (for Q5_0 weights, stored with 16 added).
+//! value of the block's f16 scale, and Q8_1's f16 scaled sum (for Q4_1 weights) or the sum of
+//! the bytes times the offset the weights are stored with (Q5_0: 16, Q8_0: 128).
 //!
 //! The bytes and scales are exactly those of candle's `quantize_row_q8_0` / `q8_1` (ggml's
 //! reference rounding), computed on candle's worker pool instead of on one thread, and laid out
@@ -23,8 +23,8 @@ pub(super) struct Quantized {
     pub d: Vec<f32>,
     /// Q8_1 only: `[row][block]`.
     pub s: Vec<f32>,
-    /// Q8_0 only: `[row][block]`.
-    pub sum16: Vec<i32>,
+    /// Q8_0 only: `[row][block]`, the offset times the sum of the block's bytes.
+    pub sums: Vec<i32>,
 }
 
 /// One block as candle rounds it: `(d, s as Q8_1 stores it, sum of the quants)`.
@@ -42,7 +42,8 @@ fn block(x: &[f32], q: &mut [u8]) -> (half::f16, half::f16, i32) {
     (dh, half::f16::from_f32(sum as f32) * dh, sum)
 }
 
-/// `x` as `rows` rows of `k` values, quantized for Q4_1 weights (`q5` false) or Q5_0.
+/// `x` as `rows` rows of `k` values, quantized as Q8_1 (`offset` `None`, for Q4_1 weights) or
+/// as Q8_0 with the block sums times `offset`.
 ///
 /// The last result is kept per thread: the Q, K and V projections (and the gate and up
 /// projections) multiply the same input tensor, which is then quantized once. Tensors are
@@ -54,14 +55,14 @@ pub(super) fn quantize(
     x: &Tensor,
     rows: usize,
     k: usize,
-    q5: bool,
+    offset: Option<i32>,
 ) -> candle_core::Result<Arc<Quantized>> {
-    type Last = Option<(candle_core::TensorId, bool, Arc<Quantized>)>;
+    type Last = Option<(candle_core::TensorId, Option<i32>, Arc<Quantized>)>;
     thread_local! {
         static LAST: std::cell::RefCell<Last> = const { std::cell::RefCell::new(None) };
     }
     let hit = LAST.with(|last| match &*last.borrow() {
-        Some((id, kind, q)) if *id == x.id() && *kind == q5 => Some(q.clone()),
+        Some((id, o, q)) if *id == x.id() && *o == offset => Some(q.clone()),
         _ => None,
     });
     if let Some(q) = hit {
@@ -81,13 +82,13 @@ pub(super) fn quantize(
     let mut out = Quantized {
         q: vec![0; rows * k],
         d: vec![0.0; rows * blocks],
-        s: vec![0.0; if q5 { 0 } else { rows * blocks }],
-        sum16: vec![0; if q5 { rows * blocks } else { 0 }],
+        s: vec![0.0; if offset.is_some() { 0 } else { rows * blocks }],
+        sums: vec![0; if offset.is_some() { rows * blocks } else { 0 }],
     };
     {
         // Per row: its bytes, scales and sums, each behind a lock of its own (never contended).
         let second: Vec<&mut [f32]> = out.s.chunks_mut(blocks).collect();
-        let sums: Vec<&mut [i32]> = out.sum16.chunks_mut(blocks).collect();
+        let sums: Vec<&mut [i32]> = out.sums.chunks_mut(blocks).collect();
         let mut second = second.into_iter();
         let mut sums = sums.into_iter();
         type Slot<'a> = (
@@ -106,7 +107,7 @@ pub(super) fn quantize(
             let Ok(mut slot) = slots[r].lock() else {
                 return;
             };
-            let (q, d, s, sum16) = &mut *slot;
+            let (q, d, s, sums) = &mut *slot;
             let x = &values[r * k..(r + 1) * k];
             for b in 0..blocks {
                 let span = b * BLOCK..(b + 1) * BLOCK;
@@ -115,8 +116,8 @@ pub(super) fn quantize(
                 if let Some(s) = s {
                     s[b] = sh.to_f32();
                 }
-                if let Some(sum16) = sum16 {
-                    sum16[b] = 16 * sum;
+                if let Some(sums) = sums {
+                    sums[b] = offset.unwrap_or(0) * sum;
                 }
             }
         };
@@ -128,6 +129,6 @@ pub(super) fn quantize(
         }
     }
     let q = Arc::new(out);
-    LAST.with(|last| *last.borrow_mut() = Some((x.id(), q5, q.clone())));
+    LAST.with(|last| *last.borrow_mut() = Some((x.id(), offset, q.clone())));
     Ok(q)
 }

@@ -1,4 +1,4 @@
-//! Q4_1 and Q5_0 weights repacked for AVX-512 VNNI: sixteen rows interleaved, so that one
+//! Q4_1, Q5_0 and Q8_0 weights repacked for AVX-512 VNNI: sixteen rows interleaved, so that one
 //! vector holds four weights of each of sixteen rows and `vpdpbusd` against four activation
 //! bytes broadcast to every lane advances sixteen dot products at once (`vnni.rs`).
 //!
@@ -9,10 +9,12 @@
 //! the kernel does a fifth of the instructions per weight, and for prompts it is an int8
 //! GEMM that needs no dequantized copy of the weights.
 //!
-//! The packing is a permutation of the file's bytes: the same nibbles, fifth bits and f16
-//! scales, so the packed matrix takes the memory of the original (which is then dropped);
-//! rows are padded to a multiple of sixteen with zero rows. Results are bit-identical to
-//! candle's scalar dot products and to this module's other kernels, for any number of rows.
+//! The packing is a permutation of the file's bytes: the same nibbles, fifth bits, bytes (Q8_0's,
+//! with 128 added so that they are unsigned) and f16 scales, so the packed matrix takes the
+//! memory of the original (which is then dropped; a tied embedding reads its rows from the
+//! packed copy); rows are padded to a multiple of sixteen with zero rows. Results are
+//! bit-identical to candle's scalar dot products, for any number of rows (for Q8_0, candle's
+//! own AVX code sums in another order: the results differ from its by float rounding).
 #![allow(unsafe_code)]
 
 use std::sync::Mutex;
@@ -24,8 +26,6 @@ use super::BLOCK;
 
 /// Weight rows per group (lanes of a 512-bit vector of i32).
 pub(super) const ROWS: usize = 16;
-/// 64-byte chunks of nibbles per group and block (16 rows x 16 bytes).
-pub(super) const CHUNKS: usize = 4;
 /// Activation rows per kernel call.
 const TILE: usize = 4;
 /// Activation rows from which the work is shared out by rows instead of by weight groups.
@@ -37,19 +37,20 @@ const PROMPT_ROWS: usize = 32;
 pub(super) struct Chunk(pub [u8; 64]);
 
 /// One activation row as the kernel reads it: its quantized blocks and, per block, the f32
-/// scale and either Q8_1's scaled sum (Q4_1) or 16 times the sum of its quants (Q5_0, whose
-/// weights are stored with 16 added so that they are unsigned).
+/// scale and either Q8_1's scaled sum (Q4_1) or the sum of its quants times the offset the
+/// weights are stored with (16 for Q5_0, 128 for Q8_0).
 #[derive(Clone, Copy)]
 pub(super) struct Row<'a> {
     /// The row's quants, 32 per block.
     pub bytes: &'a [u8],
     pub d: &'a [f32],
     pub s: &'a [f32],
-    pub sum16: &'a [i32],
+    pub sums: &'a [i32],
 }
 
-/// A group of sixteen packed weight rows: per block, [`CHUNKS`] chunks of nibbles, the sixteen
-/// f16 scales (and, for Q4_1, the sixteen f16 minimums), and for Q5_0 eight masks of fifth bits.
+/// A group of sixteen packed weight rows: per block, four chunks of nibbles (eight of bytes for
+/// Q8_0), the sixteen f16 scales (and, for Q4_1, the sixteen f16 minimums), and for Q5_0 eight
+/// masks of fifth bits.
 #[derive(Clone, Copy)]
 pub(super) struct Group<'a> {
     pub quants: &'a [Chunk],
@@ -58,13 +59,68 @@ pub(super) struct Group<'a> {
     pub blocks: usize,
 }
 
-/// A Q4_1 or Q5_0 matrix in groups of sixteen rows.
+/// The packed formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Kind {
+    Q4_1,
+    Q5_0,
+    Q8_0,
+}
+
+impl Kind {
+    /// The kernel's const parameter.
+    pub(super) const fn code(self) -> u8 {
+        match self {
+            Self::Q4_1 => 0,
+            Self::Q5_0 => 1,
+            Self::Q8_0 => 2,
+        }
+    }
+
+    /// Bytes of a block in the file.
+    fn w_bytes(self) -> usize {
+        match self {
+            Self::Q4_1 => 20,
+            Self::Q5_0 => 22,
+            Self::Q8_0 => 34,
+        }
+    }
+
+    /// 64-byte chunks per group and block: 16 rows' nibbles (16 bytes each) or bytes.
+    pub(super) const fn chunks(self) -> usize {
+        match self {
+            Self::Q8_0 => 8,
+            _ => 4,
+        }
+    }
+
+    /// f16 values per group and block: the sixteen scales, and Q4_1's sixteen minimums.
+    pub(super) const fn scales(self) -> usize {
+        match self {
+            Self::Q4_1 => 2 * ROWS,
+            _ => ROWS,
+        }
+    }
+
+    /// What the stored weights have added to be unsigned; the activations then carry this
+    /// times their block sums. Q4_1's are unsigned already (its activations, Q8_1, carry
+    /// their scaled sum for the minimum instead).
+    fn offset(self) -> Option<i32> {
+        match self {
+            Self::Q4_1 => None,
+            Self::Q5_0 => Some(16),
+            Self::Q8_0 => Some(128),
+        }
+    }
+}
+
+/// A Q4_1, Q5_0 or Q8_0 matrix in groups of sixteen rows.
 pub struct Packed {
-    q5: bool,
+    kind: Kind,
     n: usize,
     k: usize,
     blocks: usize,
-    /// `[group][block][CHUNKS]`.
+    /// `[group][block][kind.chunks()]`.
     quants: Vec<Chunk>,
     /// `[group][block]`: sixteen f16 scales, then (Q4_1) sixteen f16 minimums.
     scales: Vec<u16>,
@@ -97,26 +153,34 @@ impl Packed {
     /// # Errors
     /// candle cannot hand out the tensor's bytes.
     pub fn new(w: &QTensor) -> candle_core::Result<Option<Self>> {
-        let q5 = match w.dtype() {
-            GgmlDType::Q4_1 => false,
-            GgmlDType::Q5_0 => true,
+        let kind = match w.dtype() {
+            GgmlDType::Q4_1 => Kind::Q4_1,
+            GgmlDType::Q5_0 => Kind::Q5_0,
+            GgmlDType::Q8_0 => Kind::Q8_0,
             _ => return Ok(None),
         };
         if !available() || !w.device().is_cpu() {
             return Ok(None);
         }
         let (n, k) = w.shape().dims2()?;
-        let w_bytes = if q5 { 22 } else { 20 };
+        let w_bytes = kind.w_bytes();
         let blocks = k / BLOCK;
         let data = w.data()?;
         if n == 0 || k % BLOCK != 0 || data.len() != n * blocks * w_bytes {
             return Ok(None);
         }
         let groups = n.div_ceil(ROWS);
-        let per_block = if q5 { ROWS } else { 2 * ROWS };
-        let mut quants = vec![Chunk([0; 64]); groups * blocks * CHUNKS];
+        let (chunks, per_block) = (kind.chunks(), kind.scales());
+        let mut quants = vec![Chunk([0; 64]); groups * blocks * chunks];
         let mut scales = vec![0u16; groups * blocks * per_block];
-        let mut high = vec![0u64; if q5 { groups * blocks * 8 } else { 0 }];
+        let mut high = vec![
+            0u64;
+            if kind == Kind::Q5_0 {
+                groups * blocks * 8
+            } else {
+                0
+            }
+        ];
         for row in 0..n {
             let (g, lane) = (row / ROWS, row % ROWS);
             for b in 0..blocks {
@@ -124,24 +188,34 @@ impl Packed {
                 let block = &data[at..at + w_bytes];
                 let u16_at = |i: usize| u16::from_le_bytes([block[i], block[i + 1]]);
                 let gb = g * blocks + b;
-                let qs = if q5 { &block[6..22] } else { &block[4..20] };
-                for p in 0..CHUNKS {
-                    let to = &mut quants[gb * CHUNKS + p].0[lane * 4..lane * 4 + 4];
+                let qs = match kind {
+                    Kind::Q4_1 => &block[4..20],
+                    Kind::Q5_0 => &block[6..22],
+                    Kind::Q8_0 => &block[2..34],
+                };
+                for p in 0..chunks {
+                    let to = &mut quants[gb * chunks + p].0[lane * 4..lane * 4 + 4];
                     to.copy_from_slice(&qs[4 * p..4 * p + 4]);
+                    if kind == Kind::Q8_0 {
+                        // Signed to unsigned: plus 128.
+                        to.iter_mut().for_each(|v| *v ^= 0x80);
+                    }
                 }
                 scales[gb * per_block + lane] = u16_at(0);
-                if q5 {
-                    let qh = u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
-                    for t in 0..8 {
-                        high[gb * 8 + t] |= u64::from((qh >> (4 * t)) & 0xF) << (4 * lane);
+                match kind {
+                    Kind::Q5_0 => {
+                        let qh = u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
+                        for t in 0..8 {
+                            high[gb * 8 + t] |= u64::from((qh >> (4 * t)) & 0xF) << (4 * lane);
+                        }
                     }
-                } else {
-                    scales[gb * per_block + ROWS + lane] = u16_at(2);
+                    Kind::Q4_1 => scales[gb * per_block + ROWS + lane] = u16_at(2),
+                    Kind::Q8_0 => {}
                 }
             }
         }
         Ok(Some(Self {
-            q5,
+            kind,
             n,
             k,
             blocks,
@@ -149,6 +223,55 @@ impl Packed {
             scales,
             high,
         }))
+    }
+
+    /// The rows `ids` dequantized, `(ids.len(), k)` (an embedding lookup), with candle's
+    /// arithmetic: the same values as its `dequantize`.
+    ///
+    /// # Errors
+    /// An id past the last row, or a candle failure building the tensor.
+    pub fn rows(&self, ids: &[u32]) -> candle_core::Result<Tensor> {
+        let (k, blocks, chunks, per_block) =
+            (self.k, self.blocks, self.kind.chunks(), self.kind.scales());
+        let mut out = vec![0f32; ids.len() * k];
+        for (&id, out) in ids.iter().zip(out.chunks_exact_mut(k.max(1))) {
+            let r = id as usize;
+            if r >= self.n {
+                candle_core::bail!("row {r} of a {}-row matrix", self.n);
+            }
+            let (g, lane) = (r / ROWS, r % ROWS);
+            for (b, out) in out.chunks_exact_mut(BLOCK).enumerate() {
+                let gb = g * blocks + b;
+                let half =
+                    |i: usize| half::f16::from_bits(self.scales[gb * per_block + i]).to_f32();
+                let d = half(lane);
+                // Stored byte of value v (Q8_0), or the byte holding its nibble.
+                let byte = |v: usize| self.quants[gb * chunks + v / 4].0[lane * 4 + v % 4];
+                for (v, o) in out.iter_mut().enumerate() {
+                    *o = match self.kind {
+                        Kind::Q8_0 => f32::from((byte(v) ^ 0x80) as i8) * d,
+                        Kind::Q4_1 => {
+                            let q = if v < 16 {
+                                byte(v) & 0x0F
+                            } else {
+                                byte(v - 16) >> 4
+                            };
+                            f32::from(q) * d + half(ROWS + lane)
+                        }
+                        Kind::Q5_0 => {
+                            let q = if v < 16 {
+                                byte(v) & 0x0F
+                            } else {
+                                byte(v - 16) >> 4
+                            };
+                            let fifth = (self.high[gb * 8 + v / 4] >> (4 * lane + v % 4)) & 1;
+                            f32::from((q | (fifth as u8) << 4) as i8 - 16) * d
+                        }
+                    };
+                }
+            }
+        }
+        Tensor::from_vec(out, (ids.len(), k), &Device::Cpu)
     }
 
     /// `x @ w^T` for `x` `(..., k)` on the CPU.
@@ -162,14 +285,22 @@ impl Packed {
             candle_core::bail!("packed matmul: input is {width} wide, weights {k}");
         }
         let m = x.elem_count() / k;
-        let xq = super::acts::quantize(x, m, k, self.q5)?;
+        let xq = super::acts::quantize(x, m, k, self.kind.offset())?;
         let row = |r: usize| {
             let span = r * blocks..(r + 1) * blocks;
             Row {
                 bytes: &xq.q[r * k..(r + 1) * k],
                 d: &xq.d[span.clone()],
-                s: if self.q5 { &[] } else { &xq.s[span.clone()] },
-                sum16: if self.q5 { &xq.sum16[span] } else { &[] },
+                s: if xq.s.is_empty() {
+                    &[]
+                } else {
+                    &xq.s[span.clone()]
+                },
+                sums: if xq.sums.is_empty() {
+                    &[]
+                } else {
+                    &xq.sums[span]
+                },
             }
         };
         let groups = n.div_ceil(ROWS);
@@ -243,12 +374,11 @@ impl Packed {
 
     /// Group `g`'s weights.
     fn group(&self, g: usize) -> Group<'_> {
-        let blocks = self.blocks;
-        let per_block = if self.q5 { ROWS } else { 2 * ROWS };
+        let (blocks, chunks, per_block) = (self.blocks, self.kind.chunks(), self.kind.scales());
         Group {
-            quants: &self.quants[g * blocks * CHUNKS..(g + 1) * blocks * CHUNKS],
+            quants: &self.quants[g * blocks * chunks..(g + 1) * blocks * chunks],
             scales: &self.scales[g * blocks * per_block..(g + 1) * blocks * per_block],
-            high: if self.q5 {
+            high: if self.kind == Kind::Q5_0 {
                 &self.high[g * blocks * 8..(g + 1) * blocks * 8]
             } else {
                 &[]
@@ -259,22 +389,28 @@ impl Packed {
 
     /// The kernel for one group and `C` rows, the lengths checked first.
     fn tile<const C: usize>(&self, g: Group<'_>, rows: [Row<'_>; C]) -> [[f32; ROWS]; C] {
-        let b = g.blocks;
-        let per_block = if self.q5 { ROWS } else { 2 * ROWS };
-        assert!(g.quants.len() == b * CHUNKS && g.scales.len() == b * per_block);
-        assert!(!self.q5 || g.high.len() == b * 8);
+        let (b, kind) = (g.blocks, self.kind);
+        assert!(g.quants.len() == b * kind.chunks() && g.scales.len() == b * kind.scales());
+        assert!(kind != Kind::Q5_0 || g.high.len() == b * 8);
         assert!(rows.iter().all(|r| r.bytes.len() == b * BLOCK
             && r.d.len() == b
-            && (if self.q5 { r.sum16.len() } else { r.s.len() }) == b));
+            && (if kind == Kind::Q4_1 {
+                r.s.len()
+            } else {
+                r.sums.len()
+            }) == b));
         assert!(available());
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `available()` checked AVX-512 F, BW and VNNI (a `Packed` exists only then);
         // the lengths the kernel reads were checked above.
         unsafe {
-            if self.q5 {
-                super::vnni::tile::<C, true>(g, rows)
-            } else {
-                super::vnni::tile::<C, false>(g, rows)
+            const Q4_1: u8 = Kind::Q4_1.code();
+            const Q5_0: u8 = Kind::Q5_0.code();
+            const Q8_0: u8 = Kind::Q8_0.code();
+            match kind {
+                Kind::Q4_1 => super::vnni::tile::<C, Q4_1>(g, rows),
+                Kind::Q5_0 => super::vnni::tile::<C, Q5_0>(g, rows),
+                Kind::Q8_0 => super::vnni::tile::<C, Q8_0>(g, rows),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -289,12 +425,40 @@ mod tests {
     use candle_core::quantized::QMatMul;
     use candle_core::Module;
 
-    /// Against candle's own matmul, bit for bit: one row, tiles of four with rows left over,
-    /// a prompt-sized batch, and a row count that leaves the last group part empty.
+    /// Q8_0 in the scalar order (`sumi * d_w * d_x` per block, added one after another), which
+    /// candle's AVX code does not follow.
+    fn q8_0_scalar(w: &QTensor, x: &Tensor) -> Vec<f32> {
+        let (n, k) = w.shape().dims2().unwrap();
+        let xq = QTensor::quantize(&x.reshape(((), k)).unwrap(), GgmlDType::Q8_0).unwrap();
+        let (wb, xb) = (w.data().unwrap(), xq.data().unwrap());
+        let blocks = k / BLOCK;
+        let m = xb.len() / (blocks * 34);
+        let f16 = |b: &[u8]| half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
+        let mut out = Vec::with_capacity(m * n);
+        for r in 0..m {
+            for j in 0..n {
+                let mut sumf = 0f32;
+                for b in 0..blocks {
+                    let wb = &wb[(j * blocks + b) * 34..(j * blocks + b + 1) * 34];
+                    let xb = &xb[(r * blocks + b) * 34..(r * blocks + b + 1) * 34];
+                    let sumi: i32 = (0..32)
+                        .map(|i| i32::from(wb[2 + i] as i8) * i32::from(xb[2 + i] as i8))
+                        .sum();
+                    sumf += sumi as f32 * f16(wb) * f16(xb);
+                }
+                out.push(sumf);
+            }
+        }
+        out
+    }
+
+    /// Against candle's own matmul, bit for bit (Q8_0: against the scalar order, and within
+    /// rounding of candle's): one row, tiles of four with rows left over, a prompt-sized batch,
+    /// and row counts that leave the last group part empty.
     #[test]
     fn matches_candles_matmul_bit_for_bit() {
         let dev = Device::Cpu;
-        for dtype in [GgmlDType::Q4_1, GgmlDType::Q5_0] {
+        for dtype in [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0] {
             for (n, k, m) in [
                 (64usize, 576usize, 1usize),
                 (40, 640, 7),
@@ -310,7 +474,8 @@ mod tests {
                     return;
                 };
                 let x = Tensor::randn(0f32, 1.0, (m, 1, k), &dev).unwrap();
-                let want: Vec<f32> = QMatMul::from_qtensor(q)
+                let scalar = (dtype == GgmlDType::Q8_0).then(|| q8_0_scalar(&q, &x));
+                let candle: Vec<f32> = QMatMul::from_qtensor(q)
                     .unwrap()
                     .forward(&x)
                     .unwrap()
@@ -321,8 +486,46 @@ mod tests {
                 let got = packed.matmul(&x).unwrap();
                 assert_eq!(got.dims(), &[m, 1, n]);
                 let got: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
-                assert_eq!(got, want, "{dtype:?} {n}x{k}, {m} rows");
+                match scalar {
+                    Some(want) => {
+                        assert_eq!(got, want, "{dtype:?} {n}x{k}, {m} rows");
+                        for (a, b) in got.iter().zip(&candle) {
+                            assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
+                        }
+                    }
+                    None => assert_eq!(got, candle, "{dtype:?} {n}x{k}, {m} rows"),
+                }
             }
+        }
+    }
+
+    /// Rows read back from the packed copy are candle's dequantized rows, exactly.
+    #[test]
+    fn rows_are_candles_dequantized_rows() {
+        let dev = Device::Cpu;
+        for dtype in [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0] {
+            let w = Tensor::randn(0f32, 1.0, (37, 96), &dev).unwrap();
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let Some(packed) = Packed::new(&q).unwrap() else {
+                return;
+            };
+            let ids = [0u32, 36, 17, 16, 17];
+            let all = q.dequantize(&dev).unwrap();
+            let want: Vec<f32> =
+                Tensor::cat(&ids.map(|i| all.narrow(0, i as usize, 1).unwrap()), 0)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+            let got = packed.rows(&ids).unwrap();
+            assert_eq!(got.dims(), &[5, 96]);
+            assert_eq!(
+                got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                want,
+                "{dtype:?}"
+            );
+            assert!(packed.rows(&[37]).is_err());
         }
     }
 
@@ -330,8 +533,12 @@ mod tests {
     fn other_types_and_wrong_widths_are_refused() {
         let dev = Device::Cpu;
         let w = Tensor::randn(0f32, 1.0, (16, 64), &dev).unwrap();
-        let q8 = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
-        assert!(Packed::new(&q8).unwrap().is_none());
+        let q6 = QTensor::quantize(
+            &Tensor::randn(0f32, 1.0, (16, 256), &dev).unwrap(),
+            GgmlDType::Q6K,
+        )
+        .unwrap();
+        assert!(Packed::new(&q6).unwrap().is_none());
         let q = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
         if let Some(p) = Packed::new(&q).unwrap() {
             let x = Tensor::randn(0f32, 1.0, (2, 96), &dev).unwrap();

@@ -10,36 +10,51 @@
 
 use std::arch::x86_64::*;
 
-use super::packed::{Group, Row, CHUNKS, ROWS};
+use super::packed::{Group, Kind, Row, ROWS};
 use super::BLOCK;
 
-/// `C` activation rows against the group's sixteen weight rows: `out[c][lane]`. `Q5` selects
-/// Q5_0 (fifth bits, no minimum) over Q4_1.
+/// `C` activation rows against the group's sixteen weight rows: `out[c][lane]`. `K` is the
+/// format's [`super::packed::Kind::code`]: 0 Q4_1, 1 Q5_0, 2 Q8_0.
 ///
 /// # Safety
-/// AVX-512 F, BW and VNNI are present. `g.quants` holds `g.blocks * CHUNKS` chunks,
-/// `g.scales` `g.blocks * 16` values (32 for Q4_1), `g.high` `g.blocks * 8` masks for Q5_0;
-/// every row has `g.blocks` blocks of 32 signed bytes
-/// and `g.blocks` values in `d`, and in `s` (Q4_1) or `sum16` (Q5_0).
+/// AVX-512 F, BW and VNNI are present. `g.quants` holds `g.blocks` times the format's chunks,
+/// `g.scales` `g.blocks` times its scales, `g.high` `g.blocks * 8` masks for Q5_0; every row
+/// has `g.blocks` blocks of 32 signed bytes and `g.blocks` values in `d`, and in `s` (Q4_1) or
+/// `sums` (the others).
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-pub(super) unsafe fn tile<const C: usize, const Q5: bool>(
+pub(super) unsafe fn tile<const C: usize, const K: u8>(
     g: Group<'_>,
     rows: [Row<'_>; C],
 ) -> [[f32; ROWS]; C] {
+    const Q4_1: u8 = Kind::Q4_1.code();
+    const Q5_0: u8 = Kind::Q5_0.code();
+    const Q8_0: u8 = Kind::Q8_0.code();
+    let kind = match K {
+        Q4_1 => Kind::Q4_1,
+        Q5_0 => Kind::Q5_0,
+        _ => Kind::Q8_0,
+    };
+    let (chunks, per_block) = (kind.chunks(), kind.scales());
     let low = _mm512_set1_epi8(0x0F);
     let sixteen = _mm512_set1_epi8(16);
-    let per_block = if Q5 { ROWS } else { 2 * ROWS };
     let mut acc = [_mm512_setzero_ps(); C];
     for b in 0..g.blocks {
-        // Chunk p holds values 4p..4p+4 of every row in its low nibbles and 16+4p.. in its high.
-        let q = g.quants.as_ptr().add(b * CHUNKS);
+        // Word t of every lane: values 4t..4t+4 of that lane's row. Nibble chunk p holds words
+        // p (low nibbles) and p + 4 (high); a Q8_0 chunk is one word of bytes.
+        let q = g.quants.as_ptr().add(b * chunks);
         let mut w = [_mm512_setzero_si512(); 8];
-        for p in 0..CHUNKS {
-            let z = _mm512_load_si512(q.add(p).cast());
-            w[p] = _mm512_and_si512(z, low);
-            w[p + CHUNKS] = _mm512_and_si512(_mm512_srli_epi16::<4>(z), low);
+        if K == Q8_0 {
+            for (t, wt) in w.iter_mut().enumerate() {
+                *wt = _mm512_load_si512(q.add(t).cast());
+            }
+        } else {
+            for p in 0..4 {
+                let z = _mm512_load_si512(q.add(p).cast());
+                w[p] = _mm512_and_si512(z, low);
+                w[p + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(z), low);
+            }
         }
-        if Q5 {
+        if K == Q5_0 {
             let h = g.high.as_ptr().add(b * 8);
             for (t, wt) in w.iter_mut().enumerate() {
                 *wt = _mm512_mask_add_epi8(*wt, h.add(t).read(), *wt, sixteen);
@@ -47,10 +62,10 @@ pub(super) unsafe fn tile<const C: usize, const Q5: bool>(
         }
         let sc = g.scales.as_ptr().add(b * per_block);
         let dw = _mm512_cvtph_ps(_mm256_loadu_si256(sc.cast()));
-        let mw = if Q5 {
-            _mm512_setzero_ps()
-        } else {
+        let mw = if K == Q4_1 {
             _mm512_cvtph_ps(_mm256_loadu_si256(sc.add(ROWS).cast()))
+        } else {
+            _mm512_setzero_ps()
         };
         for c in 0..C {
             let r = rows[c];
@@ -64,12 +79,13 @@ pub(super) unsafe fn tile<const C: usize, const Q5: bool>(
                 s1 = _mm512_dpbusd_epi32(s1, w[t + 1], word(t + 1));
             }
             let mut s = _mm512_add_epi32(s0, s1);
-            if Q5 {
-                s = _mm512_sub_epi32(s, _mm512_set1_epi32(*r.sum16.get_unchecked(b)));
+            if K != Q4_1 {
+                // The weights' offset times the block's sum of activations.
+                s = _mm512_sub_epi32(s, _mm512_set1_epi32(*r.sums.get_unchecked(b)));
             }
             let dx = _mm512_set1_ps(*r.d.get_unchecked(b));
             let mut f = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s), dw), dx);
-            if !Q5 {
+            if K == Q4_1 {
                 let sx = _mm512_set1_ps(*r.s.get_unchecked(b));
                 f = _mm512_add_ps(f, _mm512_mul_ps(mw, sx));
             }
