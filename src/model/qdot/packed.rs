@@ -26,7 +26,7 @@ use super::BLOCK;
 
 /// Weight rows per group (lanes of a 512-bit vector of i32).
 pub(super) const ROWS: usize = 16;
-/// Activation rows per kernel call.
+/// Activation rows per kernel call (twice this where there are enough).
 const TILE: usize = 4;
 /// Activation rows from which the work is shared out by rows instead of by weight groups.
 const PROMPT_ROWS: usize = 32;
@@ -316,6 +316,13 @@ impl Packed {
                 out[at..at + cols].copy_from_slice(&v[..cols]);
             };
             let mut r = rows.start;
+            while r + 2 * TILE <= rows.end {
+                let tile: [_; 2 * TILE] = std::array::from_fn(|i| row(r + i));
+                for (i, v) in self.tile(group, tile).iter().enumerate() {
+                    put(r + i, v);
+                }
+                r += 2 * TILE;
+            }
             while r + TILE <= rows.end {
                 let tile: [_; TILE] = std::array::from_fn(|i| row(r + i));
                 for (i, v) in self.tile(group, tile).iter().enumerate() {
