@@ -1,11 +1,14 @@
-//! A quantized weight matrix with three ways to multiply.
+//! A quantized weight matrix with the ways to multiply it.
 //!
-//! Q4_1, Q5_0 and (from two rows) Q8_0 weights on an AVX2 CPU take this crate's kernels
-//! (`qdot/`) up to 160 rows. Otherwise: one row at a time (decode), candle's
-//! quantized dot products are the fastest CPU path and read the fewest bytes. For many rows
-//! (prompt prefill) they walk the rows one by one, so on the CPU the matrix is instead
-//! dequantized once per call and multiplied with a dense f32 GEMM, 3-4x faster for prompt-sized
-//! batches. To keep llama.cpp's numerics, the activations are first rounded through the same
+//! On a CPU with AVX-512 VNNI, Q4_1, Q5_0 and Q8_0 matrices are repacked at load
+//! (`qdot/packed.rs`) and take the packed int8 kernel for any number of rows: a decode step, a
+//! batched step and a whole prompt alike. Otherwise, Q4_1, Q5_0 and (from two rows) Q8_0 weights
+//! on an AVX2 CPU take this crate's four-lane kernels (`qdot/`) up to 160 rows. Otherwise: one
+//! row at a time (decode), candle's quantized dot products are the fastest CPU path and read
+//! the fewest bytes. For many rows (prompt prefill) they walk the rows one by one, so on the CPU
+//! the matrix is instead dequantized once per call and multiplied with a dense f32 GEMM, 3-4x
+//! faster for prompt-sized batches (the k-quants, Q4_K and Q6_K, always take this path for
+//! prompts). To keep llama.cpp's numerics, the activations are first rounded through the same
 //! 8-bit format llama.cpp's dot products quantize them to (Q8_0, Q8_1 or Q8_K by weight type):
 //! the dense product of the dequantized values is then the integer dot product, up to float
 //! summation order. GPU backends keep their quantized kernels.

@@ -180,6 +180,8 @@ impl Transformer {
             // Tied: one copy serves the lookups and the vocabulary projection.
             None => match Packed::new(&embed)? {
                 Some(p) => {
+                    // Not held through the rest of the load: the peak stays one copy.
+                    drop(embed);
                     let p = Arc::new(p);
                     (Embedding::Packed(p.clone()), Linear::Packed(p))
                 }

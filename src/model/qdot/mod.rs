@@ -3,6 +3,10 @@
 //! whose rows are not a multiple of 256 wide, where llama.cpp's Q4_K_M mix falls back to it).
 //! Together they took over half of those models' decode time.
 //!
+//! CPUs with AVX-512 VNNI take the packed kernel instead (`packed.rs`, `vnni.rs`: weights
+//! repacked at load, sixteen rows per vector, any number of activation rows, Q8_0 too); the
+//! four-lane kernels below are what other x86 CPUs with AVX2 run.
+//!
 //! The arithmetic is ggml's: activations are quantized to the format the weights' dot product
 //! pairs with (by candle, the same rounding as its own path), each 32-weight block contributes
 //! its exact integer sum times the two scales (plus, for Q4_1, the minimum times the

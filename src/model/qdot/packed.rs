@@ -181,38 +181,63 @@ impl Packed {
                 0
             }
         ];
-        for row in 0..n {
-            let (g, lane) = (row / ROWS, row % ROWS);
-            for b in 0..blocks {
-                let at = (row * blocks + b) * w_bytes;
-                let block = &data[at..at + w_bytes];
-                let u16_at = |i: usize| u16::from_le_bytes([block[i], block[i + 1]]);
-                let gb = g * blocks + b;
-                let qs = match kind {
-                    Kind::Q4_1 => &block[4..20],
-                    Kind::Q5_0 => &block[6..22],
-                    Kind::Q8_0 => &block[2..34],
-                };
-                for p in 0..chunks {
-                    let to = &mut quants[gb * chunks + p].0[lane * 4..lane * 4 + 4];
-                    to.copy_from_slice(&qs[4 * p..4 * p + 4]);
-                    if kind == Kind::Q8_0 {
-                        // Signed to unsigned: plus 128.
-                        to.iter_mut().for_each(|v| *v ^= 0x80);
-                    }
-                }
-                scales[gb * per_block + lane] = u16_at(0);
-                match kind {
-                    Kind::Q5_0 => {
-                        let qh = u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
-                        for t in 0..8 {
-                            high[gb * 8 + t] |= u64::from((qh >> (4 * t)) & 0xF) << (4 * lane);
+        {
+            // Each group's share of the three arrays, filled on the worker pool (a vocabulary
+            // of 262,144 rows is 16,384 groups).
+            let hs: Vec<&mut [u64]> = if kind == Kind::Q5_0 {
+                high.chunks_mut(blocks * 8).collect()
+            } else {
+                Vec::new()
+            };
+            let mut hs = hs.into_iter();
+            type Slot<'a> = (&'a mut [Chunk], &'a mut [u16], Option<&'a mut [u64]>);
+            let slots: Vec<Mutex<Slot<'_>>> = quants
+                .chunks_mut(blocks * chunks)
+                .zip(scales.chunks_mut(blocks * per_block))
+                .map(|(q, s)| Mutex::new((q, s, hs.next())))
+                .collect();
+            let fill = |g: usize, (quants, scales, high): &mut Slot<'_>| {
+                for (lane, row) in (g * ROWS..n.min((g + 1) * ROWS)).enumerate() {
+                    for b in 0..blocks {
+                        let at = (row * blocks + b) * w_bytes;
+                        let block = &data[at..at + w_bytes];
+                        let u16_at = |i: usize| u16::from_le_bytes([block[i], block[i + 1]]);
+                        let qs = match kind {
+                            Kind::Q4_1 => &block[4..20],
+                            Kind::Q5_0 => &block[6..22],
+                            Kind::Q8_0 => &block[2..34],
+                        };
+                        for p in 0..chunks {
+                            let to = &mut quants[b * chunks + p].0[lane * 4..lane * 4 + 4];
+                            to.copy_from_slice(&qs[4 * p..4 * p + 4]);
+                            if kind == Kind::Q8_0 {
+                                // Signed to unsigned: plus 128.
+                                to.iter_mut().for_each(|v| *v ^= 0x80);
+                            }
+                        }
+                        scales[b * per_block + lane] = u16_at(0);
+                        match (kind, high.as_deref_mut()) {
+                            (Kind::Q5_0, Some(high)) => {
+                                let qh =
+                                    u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
+                                for t in 0..8 {
+                                    high[b * 8 + t] |=
+                                        u64::from((qh >> (4 * t)) & 0xF) << (4 * lane);
+                                }
+                            }
+                            (Kind::Q4_1, _) => scales[b * per_block + ROWS + lane] = u16_at(2),
+                            _ => {}
                         }
                     }
-                    Kind::Q4_1 => scales[gb * per_block + ROWS + lane] = u16_at(2),
-                    Kind::Q8_0 => {}
                 }
-            }
+            };
+            candle_core::utils::barrier_pool().execute_chunked(groups, |range| {
+                for g in range {
+                    if let Ok(mut slot) = slots[g].lock() {
+                        fill(g, &mut slot);
+                    }
+                }
+            });
         }
         Ok(Some(Self {
             kind,
