@@ -15,8 +15,10 @@
 
 use std::sync::Arc;
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{Module, Tensor, D};
+use std::sync::Mutex;
+
+use candle_core::quantized::{GgmlDType, GgmlType, QMatMul, QTensor};
+use candle_core::{DType, Module, Tensor, D};
 
 use super::qdot::packed::Packed;
 
@@ -75,6 +77,49 @@ pub(super) fn quantize_rows(
     Ok(q)
 }
 
+/// `x` (`rows` rows of `k`) rounded through `act` and back: the values llama.cpp's dot products
+/// see. candle's own code for the format does the rounding (the same bits as quantizing and
+/// dequantizing a `QTensor`), row by row on the worker pool instead of on one thread.
+fn round_trip(x: &Tensor, rows: usize, k: usize, act: GgmlDType) -> candle_core::Result<Tensor> {
+    use candle_core::quantized::k_quants::{BlockQ8K, BlockQ8_0, BlockQ8_1};
+    let values = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    if values.len() != rows * k {
+        candle_core::bail!(
+            "round_trip: {} values are not {rows} rows of {k}",
+            values.len()
+        );
+    }
+    let mut out = vec![0f32; rows * k];
+    match act {
+        GgmlDType::Q8_0 => round_trip_rows::<BlockQ8_0>(&values, &mut out, k),
+        GgmlDType::Q8_1 => round_trip_rows::<BlockQ8_1>(&values, &mut out, k),
+        GgmlDType::Q8K => round_trip_rows::<BlockQ8K>(&values, &mut out, k),
+        other => candle_core::bail!("round_trip: no activation format {other:?}"),
+    }?;
+    Tensor::from_vec(out, (rows, k), x.device())
+}
+
+fn round_trip_rows<T: GgmlType>(
+    values: &[f32],
+    out: &mut [f32],
+    k: usize,
+) -> candle_core::Result<()> {
+    if k == 0 || !k.is_multiple_of(T::BLCK_SIZE) {
+        candle_core::bail!("round_trip: width {k} is not whole {:?} blocks", T::DTYPE);
+    }
+    let slots: Vec<Mutex<&mut [f32]>> = out.chunks_mut(k).map(Mutex::new).collect();
+    candle_core::utils::barrier_pool().execute_chunked(slots.len(), |range| {
+        let mut blocks = vec![T::zeros(); k / T::BLCK_SIZE];
+        for r in range {
+            T::from_float(&values[r * k..(r + 1) * k], &mut blocks);
+            if let Ok(mut row) = slots[r].lock() {
+                T::to_float(&blocks, &mut row);
+            }
+        }
+    });
+    Ok(())
+}
+
 /// The format ggml quantizes activations to for a dot product with weights of type `t`.
 fn vec_dot_type(t: GgmlDType) -> Option<GgmlDType> {
     use GgmlDType::*;
@@ -120,7 +165,7 @@ impl Linear {
             return matmul.forward(x);
         }
         let device = x.device();
-        let xq = quantize_rows(x, rows, k, *act)?.dequantize(device)?;
+        let xq = round_trip(x, rows, k, *act)?;
         let w = w.dequantize(device)?;
         let y = xq.matmul(&w.t()?)?;
         let mut shape = x.dims().to_vec();
@@ -128,5 +173,38 @@ impl Linear {
             *last = y.dim(1)?;
         }
         y.reshape(shape)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The pool's round trip gives the bits of quantizing to a `QTensor` and dequantizing it.
+    #[test]
+    fn round_trip_is_quantize_then_dequantize() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 2.0, (37, 512), &dev).unwrap();
+        for act in [GgmlDType::Q8_0, GgmlDType::Q8_1, GgmlDType::Q8K] {
+            let want: Vec<f32> = QTensor::quantize(&x, act)
+                .unwrap()
+                .dequantize(&dev)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let got: Vec<f32> = round_trip(&x, 37, 512, act)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert_eq!(got, want, "{act:?}");
+        }
+        assert!(round_trip(&x, 37, 512, GgmlDType::F16).is_err());
+        assert!(round_trip(&x, 36, 512, GgmlDType::Q8_0).is_err());
     }
 }
