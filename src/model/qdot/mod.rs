@@ -43,21 +43,26 @@ const BLOCK: usize = 32;
 /// Dot products computed side by side.
 const LANES: usize = 4;
 
+/// Whether this CPU has all the named x86 features, checked once per call site; false on other
+/// architectures.
+macro_rules! cpu_has {
+    ($($feature:tt),+) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+            *OK.get_or_init(|| true $(&& std::is_x86_feature_detected!($feature))+)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }};
+}
+use cpu_has;
+
 /// Whether this CPU runs the kernels (checked once).
 pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *OK.get_or_init(|| {
-            std::is_x86_feature_detected!("avx2")
-                && std::is_x86_feature_detected!("fma")
-                && std::is_x86_feature_detected!("f16c")
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    cpu_has!("avx2", "fma", "f16c")
 }
 
 fn f16(bytes: &[u8]) -> f32 {
