@@ -364,24 +364,44 @@ impl Packed {
                 }
             });
         } else {
-            // Decode steps: work items are groups of weight rows, each with its own `(m, 16)`
-            // result, gathered into `y` afterwards.
-            let mut parts = vec![0f32; groups * m * ROWS];
-            let slots: Vec<Mutex<&mut [f32]>> =
-                parts.chunks_mut(m * ROWS).map(Mutex::new).collect();
-            candle_core::utils::barrier_pool().execute_chunked(groups, |items| {
-                for g in items {
-                    if let Ok(mut out) = slots[g].lock() {
-                        run(g, 0..m, &mut out, ROWS, 0);
+            // Decode steps: work items are spans of groups of weight rows (a lock each, not one
+            // per group). One row writes its columns of `y` directly; more rows go through a
+            // `(m, 16)` result per group, gathered into `y` afterwards.
+            let per = groups.div_ceil(16);
+            let spans = |i: usize| i * per..groups.min((i + 1) * per);
+            if m == 1 {
+                let slots: Vec<Mutex<&mut [f32]>> =
+                    y.chunks_mut(per * ROWS).map(Mutex::new).collect();
+                candle_core::utils::barrier_pool().execute_chunked(slots.len(), |items| {
+                    for i in items {
+                        if let Ok(mut out) = slots[i].lock() {
+                            for g in spans(i) {
+                                run(g, 0..1, &mut out, 0, (g - i * per) * ROWS);
+                            }
+                        }
                     }
-                }
-            });
-            drop(slots);
-            for (g, part) in parts.chunks(m * ROWS).enumerate() {
-                let cols = ROWS.min(n - g * ROWS);
-                for r in 0..m {
-                    y[r * n + g * ROWS..r * n + g * ROWS + cols]
-                        .copy_from_slice(&part[r * ROWS..r * ROWS + cols]);
+                });
+            } else {
+                let mut parts = vec![0f32; groups * m * ROWS];
+                let slots: Vec<Mutex<&mut [f32]>> =
+                    parts.chunks_mut(per * m * ROWS).map(Mutex::new).collect();
+                candle_core::utils::barrier_pool().execute_chunked(slots.len(), |items| {
+                    for i in items {
+                        if let Ok(mut out) = slots[i].lock() {
+                            for g in spans(i) {
+                                let at = (g - i * per) * m * ROWS;
+                                run(g, 0..m, &mut out[at..at + m * ROWS], ROWS, 0);
+                            }
+                        }
+                    }
+                });
+                drop(slots);
+                for (g, part) in parts.chunks(m * ROWS).enumerate() {
+                    let cols = ROWS.min(n - g * ROWS);
+                    for r in 0..m {
+                        y[r * n + g * ROWS..r * n + g * ROWS + cols]
+                            .copy_from_slice(&part[r * ROWS..r * ROWS + cols]);
+                    }
                 }
             }
         }
@@ -486,6 +506,8 @@ mod tests {
                 (21, 160, 2),
                 (48, 96, 37),
                 (33, 64, 130),
+                (300, 64, 1),
+                (300, 64, 3),
             ] {
                 let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
                 let q = QTensor::quantize(&w, dtype).unwrap();
