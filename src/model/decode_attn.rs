@@ -9,6 +9,7 @@
 //! The sums follow candle's order where it is known (a fused multiply-add chain per score and
 //! per output dimension, as its GEMM accumulates; the softmax total as its AVX sum adds), so
 //! results differ from candle's by an ulp at most here and there, and greedy answers match.
+//! The exponentials are `fused::exp`'s (vectorised, within 3 ulp of libm's).
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -227,7 +228,7 @@ fn one_head(
     }
     let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
     for s in scores.iter_mut() {
-        *s = (*s - max).exp();
+        *s = super::fused::exp(*s - max);
     }
     let sum = softmax_sum(scores);
     // Values weighted in key order, one fused multiply-add chain per dimension; 64 dimensions
