@@ -5,8 +5,8 @@
 //! The file's layout gives each row its blocks one after another; the kernels in `q4_1.rs` and
 //! `q5_0.rs` therefore compute four dot products per vector and sum each block's integer
 //! products horizontally, and those horizontal sums (shuffles) bound them. Here there are none,
-//! and the weights' unpacking is shared by up to four activation rows: for SmolLM2's decode
-//! the kernel does a fifth of the instructions per weight, and for prompts it is an int8
+//! and the weights' unpacking is shared by up to eight activation rows: for SmolLM2's decode
+//! the kernel does about a fifth of the instructions per weight, and for prompts it is an int8
 //! GEMM that needs no dequantized copy of the weights.
 //!
 //! The packing is a permutation of the file's bytes: the same nibbles, fifth bits, bytes (Q8_0's,

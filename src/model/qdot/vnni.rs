@@ -1,11 +1,12 @@
 //! The AVX-512 VNNI kernel over packed weights (`packed.rs`): sixteen weight rows, one per lane
-//! of a vector, against up to four activation rows.
+//! of a vector, against up to eight activation rows.
 //!
 //! Because each lane is a weight row, a block's integer sums come out of `vpdpbusd` already
 //! separated by row: no horizontal sums, no shuffles. Each lane then applies its block's
 //! scales with separate multiplies and adds in the scalar code's order (`sumi * d_w * d_x`,
-//! plus `m_w * s_x` for Q4_1), and adds the block to its running total: every lane computes
-//! exactly what [`super::Format::dot_scalar`] computes for its row, bit for bit.
+//! plus `m_w * s_x` for Q4_1), and adds the block to its running total: for Q4_1 and Q5_0 every
+//! lane computes exactly what [`super::Format::dot_scalar`] (candle's scalar code) computes for
+//! its row, bit for bit; Q8_0 follows the same scalar order.
 #![allow(unsafe_code)]
 
 use std::arch::x86_64::*;
