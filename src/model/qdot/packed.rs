@@ -195,13 +195,16 @@ impl Packed {
                             Kind::Q5_0 => &block[6..22],
                             Kind::Q8_0 => &block[2..34],
                         };
-                        for p in 0..chunks {
-                            let to = &mut quants[b * chunks + p].0[lane * 4..lane * 4 + 4];
-                            to.copy_from_slice(&qs[4 * p..4 * p + 4]);
-                            if kind == Kind::Q8_0 {
-                                // Signed to unsigned: plus 128.
-                                to.iter_mut().for_each(|v| *v ^= 0x80);
-                            }
+                        // Signed Q8_0 bytes to unsigned: plus 128, four at a time.
+                        let flip = if kind == Kind::Q8_0 {
+                            0x8080_8080u32
+                        } else {
+                            0
+                        };
+                        for (p, word) in qs.chunks_exact(4).enumerate() {
+                            let w = u32::from_le_bytes([word[0], word[1], word[2], word[3]]);
+                            quants[b * chunks + p].0[lane * 4..lane * 4 + 4]
+                                .copy_from_slice(&(w ^ flip).to_le_bytes());
                         }
                         scales[b * per_block + lane] = u16_at(0);
                         match (kind, high.as_deref_mut()) {
