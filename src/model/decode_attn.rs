@@ -31,9 +31,9 @@ pub(super) fn applies(device: &Device, dtype: DType) -> bool {
     device.is_cpu() && dtype == DType::F32
 }
 
-/// A contiguous f32 tensor's values.
+/// A tensor's f32 values.
 fn values(t: &Tensor) -> Result<Vec<f32>, ModelError> {
-    Ok(t.flatten_all()?.to_vec1::<f32>()?)
+    Ok(super::f32_values(t)?)
 }
 
 /// Where a view's elements lie in its storage: element (head, key, dim) is at

@@ -14,6 +14,7 @@ use std::sync::Mutex;
 
 use candle_core::{DType, Tensor};
 
+use super::f32_values as values;
 use super::transformer::Activation;
 
 /// `e^x`, as a polynomial on `x - n ln 2` scaled by `2^n` (Cephes' coefficients); exactly 0
@@ -60,11 +61,6 @@ fn gelu_tanh(x: f32) -> f32 {
 /// Whether the fused operations apply: contiguous f32 tensors on the CPU.
 fn applies(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous()
-}
-
-/// A contiguous f32 CPU tensor's values.
-fn values(t: &Tensor) -> candle_core::Result<Vec<f32>> {
-    t.flatten_all()?.to_vec1::<f32>()
 }
 
 /// `out` in pieces of `piece` elements (the last may be shorter), each filled by `f(start,
@@ -240,7 +236,7 @@ mod tests {
     fn gated_activations_match_candles() {
         let dev = Device::Cpu;
         // More than one piece of work, and a length that is not a multiple of the vector width.
-        let g = (Tensor::randn(0f32, 3.0, (3, 5001), &dev).unwrap() * 1.0).unwrap();
+        let g = Tensor::randn(0f32, 3.0, (3, 5001), &dev).unwrap();
         let u = Tensor::randn(0f32, 1.0, (3, 5001), &dev).unwrap();
         let want = (candle_nn::ops::silu(&g).unwrap() * &u).unwrap();
         // candle's GELU loses precision where `1 + tanh` cancels (about 1e-7 of the gate, times
@@ -265,7 +261,7 @@ mod tests {
     #[test]
     fn softmax_matches_candles_with_masked_scores() {
         let dev = Device::Cpu;
-        let x = (Tensor::randn(0f32, 4.0, (2, 3, 37, 300), &dev).unwrap() * 1.0).unwrap();
+        let x = Tensor::randn(0f32, 4.0, (2, 3, 37, 300), &dev).unwrap();
         // A causal mask's -inf entries come out as exact zeros.
         let mask: Vec<f32> = (0..37 * 300)
             .map(|i| {

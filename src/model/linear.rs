@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::sync::Mutex;
 
 use candle_core::quantized::{GgmlDType, GgmlType, QMatMul, QTensor};
-use candle_core::{DType, Module, Tensor, D};
+use candle_core::{Module, Tensor, D};
 
 use super::qdot::packed::Packed;
 
@@ -37,44 +37,25 @@ pub enum Linear {
     },
 }
 
-/// `x` as `rows` rows of `k`, quantized to `dtype`. `QTensor::quantize` reads a tensor's
-/// storage from its start, whatever the view's offset, so a view into a larger tensor (a row
-/// narrowed out of a batch) is copied into storage of its own first.
-///
-/// The last result is kept per thread: the Q, K and V projections (and the gate and up
-/// projections) multiply the same input tensor, which is then quantized once instead of three
-/// (two) times. Tensors are immutable and their ids never reused, so the id identifies the
-/// values.
+/// `x` as `rows` rows of `k`, quantized to `dtype` (once per input: [`super::per_input`]).
+/// `QTensor::quantize` reads a tensor's storage from its start, whatever the view's offset, so
+/// a view into a larger tensor (a row narrowed out of a batch) is copied into storage of its
+/// own first.
 pub(super) fn quantize_rows(
     x: &Tensor,
     rows: usize,
     k: usize,
     dtype: GgmlDType,
 ) -> candle_core::Result<Arc<QTensor>> {
-    type Last = Option<(candle_core::TensorId, GgmlDType, Arc<QTensor>)>;
-    thread_local! {
-        static LAST: std::cell::RefCell<Last> = const { std::cell::RefCell::new(None) };
-    }
-    let hit = LAST.with(|last| match &*last.borrow() {
-        Some((id, t, q)) if *id == x.id() && *t == dtype => Some(q.clone()),
-        _ => None,
-    });
-    if let Some(q) = hit {
-        return Ok(q);
-    }
-    let flat = x.reshape((rows, k))?.contiguous()?;
-    let q = if flat.layout().start_offset() == 0 {
-        QTensor::quantize(&flat, dtype)?
-    } else {
-        let values = flat
-            .to_dtype(candle_core::DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        QTensor::quantize(&Tensor::from_vec(values, (rows, k), x.device())?, dtype)?
-    };
-    let q = Arc::new(q);
-    LAST.with(|last| *last.borrow_mut() = Some((x.id(), dtype, q.clone())));
-    Ok(q)
+    super::per_input(x, dtype, || {
+        let flat = x.reshape((rows, k))?.contiguous()?;
+        if flat.layout().start_offset() == 0 {
+            QTensor::quantize(&flat, dtype)
+        } else {
+            let values = super::f32_values(&flat)?;
+            QTensor::quantize(&Tensor::from_vec(values, (rows, k), x.device())?, dtype)
+        }
+    })
 }
 
 /// `x` (`rows` rows of `k`) rounded through `act` and back: the values llama.cpp's dot products
@@ -82,7 +63,7 @@ pub(super) fn quantize_rows(
 /// dequantizing a `QTensor`), row by row on the worker pool instead of on one thread.
 fn round_trip(x: &Tensor, rows: usize, k: usize, act: GgmlDType) -> candle_core::Result<Tensor> {
     use candle_core::quantized::k_quants::{BlockQ8K, BlockQ8_0, BlockQ8_1};
-    let values = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let values = super::f32_values(x)?;
     if values.len() != rows * k {
         candle_core::bail!(
             "round_trip: {} values are not {rows} rows of {k}",

@@ -25,6 +25,47 @@ pub use device::{select_device, DeviceChoice};
 pub use linear::DENSE_MIN_ROWS;
 pub use transformer::{Activation, Config, RopeStyle, TensorSource, Transformer};
 
+/// A tensor's values as f32, flattened (a copy, whatever the view's layout).
+pub(crate) fn f32_values(t: &candle_core::Tensor) -> candle_core::Result<Vec<f32>> {
+    t.to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()
+}
+
+/// What `make` computes from the input `x` for `key`, kept for the next call on this thread.
+///
+/// The Q, K and V projections (and the gate and up projections) multiply the same input
+/// tensor, so its quantized form is computed once instead of three (two) times. Tensors are
+/// immutable and their ids never reused, so the id identifies the values. One slot holds the
+/// last result, whichever kind of value it was.
+pub(crate) fn per_input<K, V>(
+    x: &candle_core::Tensor,
+    key: K,
+    make: impl FnOnce() -> candle_core::Result<V>,
+) -> candle_core::Result<std::sync::Arc<V>>
+where
+    K: PartialEq + 'static,
+    V: 'static,
+{
+    type Last = Option<(candle_core::TensorId, Box<dyn std::any::Any>)>;
+    thread_local! {
+        static LAST: std::cell::RefCell<Last> = const { std::cell::RefCell::new(None) };
+    }
+    let hit = LAST.with(|last| match &*last.borrow() {
+        Some((id, v)) if *id == x.id() => v
+            .downcast_ref::<(K, std::sync::Arc<V>)>()
+            .filter(|(k, _)| *k == key)
+            .map(|(_, v)| v.clone()),
+        _ => None,
+    });
+    if let Some(v) = hit {
+        return Ok(v);
+    }
+    let v = std::sync::Arc::new(make()?);
+    LAST.with(|last| *last.borrow_mut() = Some((x.id(), Box::new((key, v.clone())))));
+    Ok(v)
+}
+
 /// Errors of loading and running a model.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {

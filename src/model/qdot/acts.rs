@@ -69,11 +69,7 @@ fn block(x: &[f32], q: &mut [u8]) -> (half::f16, half::f16, i32) {
 }
 
 /// `x` as `rows` rows of `k` values, quantized as Q8_1 (`offset` `None`, for Q4_1 weights) or
-/// as Q8_0 with the block sums times `offset`.
-///
-/// The last result is kept per thread: the Q, K and V projections (and the gate and up
-/// projections) multiply the same input tensor, which is then quantized once. Tensors are
-/// immutable and their ids never reused, so the id identifies the values.
+/// as Q8_0 with the block sums times `offset`; once per input ([`super::super::per_input`]).
 ///
 /// # Errors
 /// A candle failure reading `x`.
@@ -83,21 +79,16 @@ pub(super) fn quantize(
     k: usize,
     offset: Option<i32>,
 ) -> candle_core::Result<Arc<Quantized>> {
-    type Last = Option<(candle_core::TensorId, Option<i32>, Arc<Quantized>)>;
-    thread_local! {
-        static LAST: std::cell::RefCell<Last> = const { std::cell::RefCell::new(None) };
-    }
-    let hit = LAST.with(|last| match &*last.borrow() {
-        Some((id, o, q)) if *id == x.id() && *o == offset => Some(q.clone()),
-        _ => None,
-    });
-    if let Some(q) = hit {
-        return Ok(q);
-    }
-    let values = x
-        .to_dtype(candle_core::DType::F32)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
+    super::super::per_input(x, offset, || quantize_now(x, rows, k, offset))
+}
+
+fn quantize_now(
+    x: &Tensor,
+    rows: usize,
+    k: usize,
+    offset: Option<i32>,
+) -> candle_core::Result<Quantized> {
+    let values = super::super::f32_values(x)?;
     if values.len() != rows * k || !k.is_multiple_of(BLOCK) {
         candle_core::bail!(
             "quantize: {} values are not {rows} rows of {k}",
@@ -154,9 +145,7 @@ pub(super) fn quantize(
             candle_core::utils::barrier_pool().execute_chunked(rows, |range| range.for_each(fill));
         }
     }
-    let q = Arc::new(out);
-    LAST.with(|last| *last.borrow_mut() = Some((x.id(), offset, q.clone())));
-    Ok(q)
+    Ok(out)
 }
 
 #[cfg(test)]
