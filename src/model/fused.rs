@@ -10,12 +10,10 @@
 //!
 //! Other devices and dtypes take candle's operations.
 
-use std::sync::Mutex;
-
 use candle_core::{DType, Tensor};
 
-use super::f32_values as values;
 use super::transformer::Activation;
+use super::{f32_values as values, par_fill};
 
 /// `e^x`, as a polynomial on `x - n ln 2` scaled by `2^n` (Cephes' coefficients); exactly 0
 /// below -87.3 (so a masked score of -inf gives 0), and large but finite (about 2e38) above 88.3.
@@ -63,19 +61,6 @@ fn applies(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous()
 }
 
-/// `out` in pieces of `piece` elements (the last may be shorter), each filled by `f(start,
-/// piece)` on candle's worker pool.
-fn par_fill(out: &mut [f32], piece: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
-    let pieces: Vec<Mutex<&mut [f32]>> = out.chunks_mut(piece.max(1)).map(Mutex::new).collect();
-    candle_core::utils::barrier_pool().execute_chunked(pieces.len(), |range| {
-        for i in range {
-            if let Ok(mut p) = pieces[i].lock() {
-                f(i * piece, &mut p);
-            }
-        }
-    });
-}
-
 /// Elements per piece of work: big enough that the pool's hand-off is small beside it.
 const PIECE: usize = 4096;
 
@@ -93,7 +78,8 @@ pub(super) fn gated(gate: &Tensor, up: &Tensor, act: Activation) -> candle_core:
     }
     let (g, u) = (values(gate)?, values(up)?);
     let mut out = vec![0f32; g.len()];
-    par_fill(&mut out, PIECE, |start, o| {
+    par_fill(&mut out, PIECE, |i, o| {
+        let start = i * PIECE;
         let (g, u) = (&g[start..start + o.len()], &u[start..start + o.len()]);
         match act {
             Activation::Silu => {
@@ -125,8 +111,9 @@ pub(super) fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
     if width == 0 {
         return Tensor::from_vec(out, x.shape(), x.device());
     }
-    let rows_per_piece = (PIECE / width).max(1);
-    par_fill(&mut out, rows_per_piece * width, |start, o| {
+    let piece = (PIECE / width).max(1) * width;
+    par_fill(&mut out, piece, |i, o| {
+        let start = i * piece;
         for (src, dst) in v[start..start + o.len()]
             .chunks_exact(width)
             .zip(o.chunks_exact_mut(width))

@@ -32,6 +32,21 @@ pub(crate) fn f32_values(t: &candle_core::Tensor) -> candle_core::Result<Vec<f32
         .to_vec1::<f32>()
 }
 
+/// `out` in pieces of `piece` elements (the last may be shorter), each filled by `f(index,
+/// piece)` on candle's worker pool (piece `index` starts at element `index * piece`).
+pub(crate) fn par_fill(out: &mut [f32], piece: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    let piece = piece.max(1);
+    let pieces: Vec<std::sync::Mutex<&mut [f32]>> =
+        out.chunks_mut(piece).map(std::sync::Mutex::new).collect();
+    candle_core::utils::barrier_pool().execute_chunked(pieces.len(), |range| {
+        for i in range {
+            if let Ok(mut p) = pieces[i].lock() {
+                f(i, &mut p);
+            }
+        }
+    });
+}
+
 /// What `make` computes from the input `x` for `key`, kept for the next call on this thread.
 ///
 /// The Q, K and V projections (and the gate and up projections) multiply the same input

@@ -355,15 +355,10 @@ impl Packed {
             // Prompts: work items are spans of rows, each writing its own rows of the result;
             // a span reads all the weights, which stay in cache between its tiles.
             let span = (m / 8).next_multiple_of(TILE).clamp(TILE, 64);
-            let slots: Vec<Mutex<&mut [f32]>> = y.chunks_mut(span * n).map(Mutex::new).collect();
-            candle_core::utils::barrier_pool().execute_chunked(slots.len(), |items| {
-                for i in items {
-                    if let Ok(mut out) = slots[i].lock() {
-                        let rows = i * span..((i + 1) * span).min(m);
-                        for g in 0..groups {
-                            run(g, rows.clone(), &mut out, n, g * ROWS);
-                        }
-                    }
+            super::super::par_fill(&mut y, span * n, |i, out| {
+                let rows = i * span..((i + 1) * span).min(m);
+                for g in 0..groups {
+                    run(g, rows.clone(), out, n, g * ROWS);
                 }
             });
         } else {
@@ -373,32 +368,19 @@ impl Packed {
             let per = groups.div_ceil(16);
             let spans = |i: usize| i * per..groups.min((i + 1) * per);
             if m == 1 {
-                let slots: Vec<Mutex<&mut [f32]>> =
-                    y.chunks_mut(per * ROWS).map(Mutex::new).collect();
-                candle_core::utils::barrier_pool().execute_chunked(slots.len(), |items| {
-                    for i in items {
-                        if let Ok(mut out) = slots[i].lock() {
-                            for g in spans(i) {
-                                run(g, 0..1, &mut out, 0, (g - i * per) * ROWS);
-                            }
-                        }
+                super::super::par_fill(&mut y, per * ROWS, |i, out| {
+                    for g in spans(i) {
+                        run(g, 0..1, out, 0, (g - i * per) * ROWS);
                     }
                 });
             } else {
                 let mut parts = vec![0f32; groups * m * ROWS];
-                let slots: Vec<Mutex<&mut [f32]>> =
-                    parts.chunks_mut(per * m * ROWS).map(Mutex::new).collect();
-                candle_core::utils::barrier_pool().execute_chunked(slots.len(), |items| {
-                    for i in items {
-                        if let Ok(mut out) = slots[i].lock() {
-                            for g in spans(i) {
-                                let at = (g - i * per) * m * ROWS;
-                                run(g, 0..m, &mut out[at..at + m * ROWS], ROWS, 0);
-                            }
-                        }
+                super::super::par_fill(&mut parts, per * m * ROWS, |i, out| {
+                    for g in spans(i) {
+                        let at = (g - i * per) * m * ROWS;
+                        run(g, 0..m, &mut out[at..at + m * ROWS], ROWS, 0);
                     }
                 });
-                drop(slots);
                 for (g, part) in parts.chunks(m * ROWS).enumerate() {
                     let cols = ROWS.min(n - g * ROWS);
                     for r in 0..m {
