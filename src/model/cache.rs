@@ -6,7 +6,7 @@
 //! once, and with each dimension's values for consecutive positions side by side those scores
 //! are plain vector multiply-adds; for prompts the transposed keys are what `q @ k^T` wants.
 
-use candle_core::Tensor;
+use candle_core::{bail, CpuStorage, DType, InplaceOp2, Layout, Tensor};
 
 use super::ModelError;
 
@@ -126,8 +126,117 @@ impl KvCache {
         let c = slot
             .as_ref()
             .ok_or(ModelError::Internal("kv cache layer missing after growth"))?;
-        c.k.slice_set(&k.transpose(2, 3)?.contiguous()?, K_POS, self.len)?;
-        c.v.slice_set(&v.contiguous()?, V_POS, self.len)?;
+        if k.device().is_cpu() && k.dtype() == DType::F32 {
+            // In place, without candle's strided copy (one tiny copy per key dimension).
+            let at = |transposed| Store {
+                pos: self.len,
+                transposed,
+            };
+            c.k.inplace_op2(&k.contiguous()?, &at(true))?;
+            c.v.inplace_op2(&v.contiguous()?, &at(false))?;
+        } else {
+            c.k.slice_set(&k.transpose(2, 3)?.contiguous()?, K_POS, self.len)?;
+            c.v.slice_set(&v.contiguous()?, V_POS, self.len)?;
+        }
         Ok((c.k.narrow(K_POS, 0, needed)?, c.v.narrow(V_POS, 0, needed)?))
+    }
+}
+
+/// Writes new positions' keys or values, `(1, kv_heads, n, head_dim)` contiguous, into a layer's
+/// f32 storage at position `pos`: transposed for keys (`(1, kv_heads, head_dim, capacity)`), as
+/// they are for values (`(1, kv_heads, capacity, head_dim)`).
+struct Store {
+    pos: usize,
+    transposed: bool,
+}
+
+impl InplaceOp2 for Store {
+    fn name(&self) -> &'static str {
+        "kv-cache-store"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &Layout,
+        src: &CpuStorage,
+        src_l: &Layout,
+    ) -> candle_core::Result<()> {
+        let (CpuStorage::F32(dst), CpuStorage::F32(src)) = (dst, src) else {
+            bail!("kv cache store: f32 storage expected")
+        };
+        let (Some((d0, d1)), Some((s0, s1))) =
+            (dst_l.contiguous_offsets(), src_l.contiguous_offsets())
+        else {
+            bail!("kv cache store: contiguous tensors expected")
+        };
+        let (dst, src) = (&mut dst[d0..d1], &src[s0..s1]);
+        let (_, heads, n, dim) = src_l.shape().dims4()?;
+        let (_, dst_heads, a, b) = dst_l.shape().dims4()?;
+        let (cap, dst_dim) = if self.transposed { (b, a) } else { (a, b) };
+        if dst_heads != heads || dst_dim != dim || self.pos + n > cap {
+            bail!("kv cache store: shapes do not fit")
+        }
+        for h in 0..heads {
+            let rows = &src[h * n * dim..(h + 1) * n * dim];
+            if self.transposed {
+                let head = &mut dst[h * dim * cap..(h + 1) * dim * cap];
+                for (i, row) in rows.chunks_exact(dim).enumerate() {
+                    for (d, &x) in row.iter().enumerate() {
+                        head[d * cap + self.pos + i] = x;
+                    }
+                }
+            } else {
+                let at = (h * cap + self.pos) * dim;
+                dst[at..at + n * dim].copy_from_slice(rows);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+
+    /// Appends of a few positions, one, and enough to grow the storage twice: the views hold
+    /// every position appended, keys transposed, in order; a prefix copy holds the first ones.
+    #[test]
+    fn appends_land_at_their_positions() {
+        let dev = Device::Cpu;
+        let mut cache = KvCache::new(2);
+        let (mut ks, mut vs) = (Vec::new(), Vec::new());
+        for n in [3usize, 1, 70, 1, 90] {
+            let k = Tensor::randn(0f32, 1.0, (1, 2, n, 8), &dev).unwrap();
+            let v = Tensor::randn(0f32, 1.0, (1, 2, n, 8), &dev).unwrap();
+            let (k_all, v_all) = cache.append(1, &k, &v).unwrap();
+            cache.advance(n);
+            ks.push(k);
+            vs.push(v);
+            let want_k = Tensor::cat(&ks, 2).unwrap().transpose(2, 3).unwrap();
+            let want_v = Tensor::cat(&vs, 2).unwrap();
+            let diff = |a: &Tensor, b: &Tensor| {
+                (a - b)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+            };
+            assert_eq!(k_all.dims(), want_k.dims());
+            assert_eq!(diff(&k_all, &want_k), 0.0);
+            assert_eq!(diff(&v_all, &want_v), 0.0);
+        }
+        let copy = cache.copy_prefix(4).unwrap();
+        let (k_all, _) = copy.layers[1].as_ref().map(|c| (&c.k, &c.v)).unwrap();
+        let want = Tensor::cat(&ks, 2).unwrap().narrow(2, 0, 4).unwrap();
+        let got = k_all.narrow(K_POS, 0, 4).unwrap().transpose(2, 3).unwrap();
+        let d = (got - want).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
     }
 }

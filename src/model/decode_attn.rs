@@ -10,11 +10,13 @@
 //! per output dimension, as its GEMM accumulates; the softmax total as its AVX sum adds), so
 //! results differ from candle's by an ulp at most here and there, and greedy answers match.
 //! The exponentials are `fused::exp`'s (vectorised, within 3 ulp of libm's).
+#![allow(unsafe_code)]
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use candle_core::{DType, Device, Storage, Tensor};
 
+use super::lanes::{Lanes, Portable};
 use super::ModelError;
 
 /// The shape of the heads.
@@ -141,27 +143,43 @@ pub(super) fn attend(
     {
         return Err(ModelError::Internal("kv cache view exceeds its storage"));
     }
+    // Work items: (sequence, KV head, piece of that KV head's query heads). A piece's heads read
+    // each key and value once between them; pieces are smaller only when there would otherwise
+    // be too few items to keep every worker busy.
+    let threads = candle_core::utils::get_num_threads().max(1);
+    let kv_heads = heads.n_kv_heads;
+    let piece = (1..=MAX_PIECE.min(group))
+        .rev()
+        .find(|&p| n * kv_heads * group.div_ceil(p) >= 4 * threads)
+        .unwrap_or(1);
+    let per_kv = group.div_ceil(piece);
     let cells: Vec<AtomicU32> = (0..n * nh * hd).map(|_| AtomicU32::new(0)).collect();
-    candle_core::utils::barrier_pool().execute_chunked(n * nh, |items| {
+    candle_core::utils::barrier_pool().execute_chunked(n * kv_heads * per_kv, |items| {
         let mut scores = Vec::new();
-        let mut out = vec![0f32; hd];
+        let mut out = vec![0f32; piece * hd];
         for item in items {
-            let (seq, h) = (item / nh, item % nh);
+            let (seq, rest) = (item / (kv_heads * per_kv), item % (kv_heads * per_kv));
+            let (kv_head, p) = (rest / per_kv, rest % per_kv);
+            let first = kv_head * group + p * piece;
+            let count = piece.min(kv_head * group + group - first);
             let (k, v, kview, vview) = caches[seq];
-            let qh = &q[(seq * nh + h) * hd..(seq * nh + h + 1) * hd];
-            let kv_head = h / group;
-            one_head(
-                qh,
+            let qs = &q[(seq * nh + first) * hd..(seq * nh + first + count) * hd];
+            let at = Kv {
                 k,
                 v,
                 kview,
                 vview,
                 kv_head,
-                heads.scale,
-                &mut scores,
-                &mut out,
-            );
-            let base = (seq * nh + h) * hd;
+                scale: heads.scale,
+            };
+            let out = &mut out[..count * hd];
+            match count {
+                1 => one_group::<1>(qs, &at, &mut scores, out),
+                2 => one_group::<2>(qs, &at, &mut scores, out),
+                3 => one_group::<3>(qs, &at, &mut scores, out),
+                _ => one_group::<4>(qs, &at, &mut scores, out),
+            }
+            let base = (seq * nh + first) * hd;
             for (d, &x) in out.iter().enumerate() {
                 cells[base + d].store(x.to_bits(), Ordering::Relaxed);
             }
@@ -174,105 +192,177 @@ pub(super) fn attend(
     Ok(Tensor::from_vec(out, (n, 1, nh * hd), &Device::Cpu)?)
 }
 
-/// One query head over its KV head's keys: scores, softmax, weighted sum of values into `out`.
-#[allow(clippy::too_many_arguments)]
-fn one_head(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+/// Most query heads that one work item handles together.
+const MAX_PIECE: usize = 4;
+
+/// One KV head of one sequence's cache, and the softmax scale.
+struct Kv<'a> {
+    k: &'a [f32],
+    v: &'a [f32],
     kview: View,
     vview: View,
     kv_head: usize,
     scale: f32,
+}
+
+/// `H` query heads (`q`, consecutive, `head_dim` each) over the same KV head: scores, softmax
+/// and the weighted sum of values into `out` (the heads' outputs, consecutive), with the widest
+/// vectors this CPU has.
+fn one_group<const H: usize>(q: &[f32], at: &Kv<'_>, scores: &mut Vec<f32>, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if super::qdot::cpu_has!("avx512f") {
+            // SAFETY: the CPU has AVX-512 F.
+            return unsafe { one_group_avx512::<H>(q, at, scores, out) };
+        }
+        if super::qdot::cpu_has!("avx2", "fma") {
+            // SAFETY: the CPU has AVX2 and FMA.
+            return unsafe { one_group_avx2::<H>(q, at, scores, out) };
+        }
+    }
+    // SAFETY: the portable lanes need no CPU feature.
+    unsafe { group_with::<Portable, H>(q, at, scores, out) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn one_group_avx512<const H: usize>(
+    q: &[f32],
+    at: &Kv<'_>,
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    let hd = q.len();
-    // Each key's score is one chain of fused multiply-adds in dimension order (as candle's GEMM
-    // computes it); with the keys transposed, a dimension's values for all positions are one
-    // row, so the chains of many keys advance together in vector registers.
-    scores.clear();
-    scores.resize(kview.keys, 0.0);
-    let kbase = kview.offset + kv_head * kview.head_stride;
-    // 32 keys at a time in registers (four independent vectors of chains), then the rest.
-    let tiles = kview.keys / 32;
-    for (tile, out) in scores.chunks_exact_mut(32).enumerate() {
-        let (mut a0, mut a1, mut a2, mut a3) = ([0f32; 8], [0f32; 8], [0f32; 8], [0f32; 8]);
-        for (d, &qd) in q.iter().enumerate() {
-            let at = kbase + d * kview.dim_stride + 32 * tile;
-            let row = &k[at..at + 32];
-            fma8(&mut a0, qd, &row[0..8]);
-            fma8(&mut a1, qd, &row[8..16]);
-            fma8(&mut a2, qd, &row[16..24]);
-            fma8(&mut a3, qd, &row[24..32]);
-        }
-        for (o, a) in out
-            .iter_mut()
-            .zip(a0.iter().chain(&a1).chain(&a2).chain(&a3))
-        {
-            *o = a * scale;
-        }
-    }
-    let rest = 32 * tiles;
-    for (d, &qd) in q.iter().enumerate() {
-        let at = kbase + d * kview.dim_stride;
-        for (s, &kd) in scores[rest..]
-            .iter_mut()
-            .zip(&k[at + rest..at + kview.keys])
-        {
-            *s = qd.mul_add(kd, *s);
-        }
-    }
-    for s in scores[rest..].iter_mut() {
-        *s *= scale;
-    }
-    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-    for s in scores.iter_mut() {
-        *s = super::fused::exp(*s - max);
-    }
-    let sum = softmax_sum(scores);
-    // Values weighted in key order, one fused multiply-add chain per dimension; 64 dimensions
-    // at a time in registers (eight independent vectors of chains), then the rest.
-    for s in scores.iter_mut() {
-        *s /= sum;
-    }
-    let base = vview.offset + kv_head * vview.head_stride;
-    let mut groups = out.chunks_exact_mut(64);
-    for (g, chunk) in groups.by_ref().enumerate() {
-        let (mut a0, mut a1, mut a2, mut a3) = ([0f32; 8], [0f32; 8], [0f32; 8], [0f32; 8]);
-        let (mut a4, mut a5, mut a6, mut a7) = ([0f32; 8], [0f32; 8], [0f32; 8], [0f32; 8]);
-        for (t, &p) in scores.iter().enumerate() {
-            let at = base + t * vview.key_stride + 64 * g;
-            let row = &v[at..at + 64];
-            fma8(&mut a0, p, &row[0..8]);
-            fma8(&mut a1, p, &row[8..16]);
-            fma8(&mut a2, p, &row[16..24]);
-            fma8(&mut a3, p, &row[24..32]);
-            fma8(&mut a4, p, &row[32..40]);
-            fma8(&mut a5, p, &row[40..48]);
-            fma8(&mut a6, p, &row[48..56]);
-            fma8(&mut a7, p, &row[56..64]);
-        }
-        let all = [a0, a1, a2, a3, a4, a5, a6, a7];
-        for (o, a) in chunk.iter_mut().zip(all.iter().flatten()) {
-            *o = *a;
-        }
-    }
-    let done = hd - groups.into_remainder().len();
-    for d in done..hd {
-        let mut acc = 0f32;
-        for (t, &p) in scores.iter().enumerate() {
-            acc = p.mul_add(v[base + t * vview.key_stride + d], acc);
-        }
-        out[d] = acc;
+    group_with::<super::lanes::Avx512, H>(q, at, scores, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn one_group_avx2<const H: usize>(
+    q: &[f32],
+    at: &Kv<'_>,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    group_with::<super::lanes::Avx2, H>(q, at, scores, out)
+}
+
+/// Key tiles of `KT` vectors: enough independent chains for `H` heads without running out of
+/// registers.
+const fn key_vectors(h: usize) -> usize {
+    if h <= 2 {
+        4
+    } else {
+        2
     }
 }
 
-/// `acc[i] += w * x[i]` for eight lanes, each a fused multiply-add.
+/// [`one_group`] on lanes `L`. Keys are read in tiles of `KT` vectors of positions and values in
+/// tiles of `DT` vectors of dimensions, each load shared by the `H` heads. Every score is one
+/// chain of fused multiply-adds in dimension order and every output one chain in key order,
+/// whatever the tiling and the lanes, so a head's result does not depend on `H` or `L`.
+///
+/// # Safety
+/// The CPU has `L`'s instruction set.
 #[inline(always)]
-fn fma8(acc: &mut [f32; 8], w: f32, x: &[f32]) {
-    for (a, &x) in acc.iter_mut().zip(x) {
-        *a = w.mul_add(x, *a);
+unsafe fn group_with<L: Lanes, const H: usize>(
+    q: &[f32],
+    at: &Kv<'_>,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    const DT: usize = 4;
+    let kt = key_vectors(H);
+    let hd = q.len() / H;
+    let (k, v, kview, vview) = (at.k, at.v, at.kview, at.vview);
+    let keys = kview.keys;
+    // Scores of head h at `scores[h * keys..]`. With the keys transposed, a dimension's values
+    // for consecutive positions are one row, so many keys' chains advance together.
+    scores.clear();
+    scores.resize(H * keys, 0.0);
+    let kbase = kview.offset + at.kv_head * kview.head_stride;
+    let tile = kt * L::LANES;
+    let tiles = keys / tile;
+    for t in 0..tiles {
+        let mut acc = [[L::zero(); 4]; H];
+        for d in 0..hd {
+            let from = kbase + d * kview.dim_stride + tile * t;
+            let row = &k[from..from + tile];
+            for (h, acc) in acc.iter_mut().enumerate() {
+                let qd = L::splat(q[h * hd + d]);
+                for (j, a) in acc.iter_mut().enumerate().take(kt) {
+                    *a = a.mul_add(qd, L::load(row.as_ptr().add(j * L::LANES)));
+                }
+            }
+        }
+        let scale = L::splat(at.scale);
+        for (h, acc) in acc.iter().enumerate() {
+            let dst = &mut scores[h * keys + tile * t..h * keys + tile * (t + 1)];
+            for (j, a) in acc.iter().enumerate().take(kt) {
+                L::zero()
+                    .mul_add(*a, scale)
+                    .store(dst.as_mut_ptr().add(j * L::LANES));
+            }
+        }
+    }
+    let rest = tile * tiles;
+    if rest < keys {
+        for d in 0..hd {
+            let from = kbase + d * kview.dim_stride;
+            let row = &k[from + rest..from + keys];
+            for h in 0..H {
+                let qd = q[h * hd + d];
+                for (s, &kd) in scores[h * keys + rest..(h + 1) * keys].iter_mut().zip(row) {
+                    *s = qd.mul_add(kd, *s);
+                }
+            }
+        }
+        for h in 0..H {
+            for s in scores[h * keys + rest..(h + 1) * keys].iter_mut() {
+                *s *= at.scale;
+            }
+        }
+    }
+    for head in scores.chunks_exact_mut(keys) {
+        let max = head.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+        for s in head.iter_mut() {
+            *s = super::fused::exp(*s - max);
+        }
+        let sum = softmax_sum(head);
+        for s in head.iter_mut() {
+            *s /= sum;
+        }
+    }
+    // Values weighted in key order, one fused multiply-add chain per output dimension.
+    let vbase = vview.offset + at.kv_head * vview.head_stride;
+    let width = DT * L::LANES;
+    let full = hd / width;
+    for g in 0..full {
+        let mut acc = [[L::zero(); DT]; H];
+        for t in 0..keys {
+            let from = vbase + t * vview.key_stride + width * g;
+            let row = &v[from..from + width];
+            for (h, acc) in acc.iter_mut().enumerate() {
+                let p = L::splat(scores[h * keys + t]);
+                for (j, a) in acc.iter_mut().enumerate() {
+                    *a = a.mul_add(p, L::load(row.as_ptr().add(j * L::LANES)));
+                }
+            }
+        }
+        for (h, acc) in acc.iter().enumerate() {
+            let dst = &mut out[h * hd + width * g..h * hd + width * (g + 1)];
+            for (j, a) in acc.iter().enumerate() {
+                a.store(dst.as_mut_ptr().add(j * L::LANES));
+            }
+        }
+    }
+    for h in 0..H {
+        for d in width * full..hd {
+            let mut acc = 0f32;
+            for t in 0..keys {
+                acc = scores[h * keys + t].mul_add(v[vbase + t * vview.key_stride + d], acc);
+            }
+            out[h * hd + d] = acc;
+        }
     }
 }
 
@@ -340,6 +430,73 @@ mod tests {
         let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         for (i, (a, b)) in got.iter().zip(&want).enumerate() {
             assert!((a - b).abs() < 1e-5, "{i}: {a} vs {b}");
+        }
+    }
+
+    /// A head's result has the same bits however many heads share its pass over the keys and
+    /// values, and whichever lanes compute it: one head at a time against two, three and four
+    /// together, on every implementation this CPU runs, with key counts below, at and above
+    /// the tile widths and a head size that leaves a remainder of dimensions.
+    #[test]
+    fn heads_sharing_a_pass_get_the_same_bits() {
+        let dev = Device::Cpu;
+        let hd = 72;
+        for keys in [1usize, 7, 16, 33, 70, 130] {
+            let k = Tensor::randn(0f32, 1.0, (1, 1, hd, keys), &dev).unwrap();
+            let v = Tensor::randn(0f32, 1.0, (1, 1, keys, hd), &dev).unwrap();
+            let q = Tensor::randn(0f32, 1.0, (4 * hd,), &dev).unwrap();
+            let (k, v, q) = (
+                values(&k).unwrap(),
+                values(&v).unwrap(),
+                values(&q).unwrap(),
+            );
+            let at = Kv {
+                k: &k,
+                v: &v,
+                kview: View {
+                    offset: 0,
+                    head_stride: hd * keys,
+                    key_stride: 1,
+                    dim_stride: keys,
+                    keys,
+                },
+                vview: View {
+                    offset: 0,
+                    head_stride: hd * keys,
+                    key_stride: hd,
+                    dim_stride: 1,
+                    keys,
+                },
+                kv_head: 0,
+                scale: 0.3,
+            };
+            let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            let mut scores = Vec::new();
+            let mut alone = vec![0f32; 4 * hd];
+            for (h, out) in alone.chunks_exact_mut(hd).enumerate() {
+                // SAFETY: portable lanes.
+                unsafe {
+                    group_with::<Portable, 1>(&q[h * hd..(h + 1) * hd], &at, &mut scores, out)
+                };
+            }
+            let mut two = vec![0f32; 4 * hd];
+            one_group::<2>(&q[..2 * hd], &at, &mut scores, &mut two[..2 * hd]);
+            one_group::<2>(&q[2 * hd..], &at, &mut scores, &mut two[2 * hd..]);
+            assert_eq!(bits(&alone), bits(&two), "{keys} keys, pairs");
+            let mut three = vec![0f32; 4 * hd];
+            one_group::<3>(&q[..3 * hd], &at, &mut scores, &mut three[..3 * hd]);
+            one_group::<1>(&q[3 * hd..], &at, &mut scores, &mut three[3 * hd..]);
+            assert_eq!(bits(&alone), bits(&three), "{keys} keys, three and one");
+            let mut four = vec![0f32; 4 * hd];
+            one_group::<4>(&q, &at, &mut scores, &mut four);
+            assert_eq!(bits(&alone), bits(&four), "{keys} keys, four");
+            #[cfg(target_arch = "x86_64")]
+            if crate::model::qdot::cpu_has!("avx2", "fma") {
+                let mut avx2 = vec![0f32; 4 * hd];
+                // SAFETY: the CPU has AVX2 and FMA.
+                unsafe { one_group_avx2::<4>(&q, &at, &mut scores, &mut avx2) };
+                assert_eq!(bits(&alone), bits(&avx2), "{keys} keys, AVX2");
+            }
         }
     }
 

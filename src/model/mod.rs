@@ -7,6 +7,7 @@ mod cache;
 mod decode_attn;
 mod device;
 mod fused;
+mod lanes;
 mod linear;
 mod qdot;
 mod transformer;

@@ -58,7 +58,7 @@ macro_rules! cpu_has {
         }
     }};
 }
-use cpu_has;
+pub(crate) use cpu_has;
 
 /// Whether this CPU runs the kernels (checked once).
 pub fn available() -> bool {

@@ -14,6 +14,9 @@ use std::arch::x86_64::*;
 use super::packed::{Group, Kind, Row, ROWS};
 use super::BLOCK;
 
+/// How many blocks ahead of the one in use the weights are prefetched.
+const AHEAD: usize = 8;
+
 /// `C` activation rows against the group's sixteen weight rows: `out[c][lane]`. `K` is the
 /// format's [`super::packed::Kind::code`]: 0 Q4_1, 1 Q5_0, 2 Q8_0.
 ///
@@ -43,6 +46,11 @@ pub(super) unsafe fn tile<const C: usize, const K: u8>(
         // Word t of every lane: values 4t..4t+4 of that lane's row. Nibble chunk p holds words
         // p (low nibbles) and p + 4 (high); a Q8_0 chunk is one word of bytes.
         let q = g.quants.as_ptr().add(b * chunks);
+        // The weights stream from memory once per step; ask for them a few blocks ahead.
+        // (A prefetch past the end is harmless: it never faults.)
+        for p in 0..chunks {
+            _mm_prefetch::<_MM_HINT_T0>(q.wrapping_add(AHEAD * chunks + p).cast());
+        }
         let mut w = [_mm512_setzero_si512(); 8];
         if K == Q8_0 {
             for (t, wt) in w.iter_mut().enumerate() {
