@@ -127,6 +127,25 @@ impl Linear {
         })
     }
 
+    /// `x @ w^T` for each of `mats`: in one dispatch where they are all packed in one format
+    /// (see [`Packed::matmul_many`]), else one after another.
+    ///
+    /// # Errors
+    /// As [`Linear::forward`].
+    pub fn forward_many(mats: &[&Self], x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+        let packed: Vec<&Packed> = mats
+            .iter()
+            .filter_map(|l| match l {
+                Self::Packed(p) => Some(&**p),
+                Self::Quantized { .. } => None,
+            })
+            .collect();
+        if packed.len() == mats.len() && packed.windows(2).all(|w| w[0].same_format(w[1])) {
+            return Packed::matmul_many(&packed, x);
+        }
+        mats.iter().map(|l| l.forward(x)).collect()
+    }
+
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (matmul, dense) = match self {
             Self::Packed(p) => return p.matmul(x),

@@ -456,8 +456,11 @@ impl Transformer {
         }
         let x = (x + h)?;
         let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
-        let gate = layer.gate.forward(&h)?;
-        let up = layer.up.forward(&h)?;
+        let Ok::<[Tensor; 2], _>([gate, up]) =
+            Linear::forward_many(&[&layer.gate, &layer.up], &h)?.try_into()
+        else {
+            return Err(ModelError::Internal("two projections expected"));
+        };
         let h = layer
             .down
             .forward(&fused::gated(&gate, &up, self.cfg.activation)?)?;
@@ -474,18 +477,23 @@ impl Transformer {
         let cfg = &self.cfg;
         let (b, seq_len, _) = x.dims3()?;
         let project =
-            |w: &Linear, bias: &Option<Tensor>, heads: usize| -> candle_core::Result<Tensor> {
-                let mut t = w.forward(x)?;
-                if let Some(bias) = bias {
-                    t = t.broadcast_add(bias)?;
-                }
+            |t: Tensor, bias: &Option<Tensor>, heads: usize| -> candle_core::Result<Tensor> {
+                let t = match bias {
+                    Some(bias) => t.broadcast_add(bias)?,
+                    None => t,
+                };
                 t.reshape((b, seq_len, heads, cfg.head_dim))?
                     .transpose(1, 2)?
                     .contiguous()
             };
-        let mut q = project(&layer.wq, &layer.bq, cfg.n_heads)?;
-        let mut k = project(&layer.wk, &layer.bk, cfg.n_kv_heads)?;
-        let v = project(&layer.wv, &layer.bv, cfg.n_kv_heads)?;
+        let Ok::<[Tensor; 3], _>([q, k, v]) =
+            Linear::forward_many(&[&layer.wq, &layer.wk, &layer.wv], x)?.try_into()
+        else {
+            return Err(ModelError::Internal("three projections expected"));
+        };
+        let mut q = project(q, &layer.bq, cfg.n_heads)?;
+        let mut k = project(k, &layer.bk, cfg.n_kv_heads)?;
+        let v = project(v, &layer.bv, cfg.n_kv_heads)?;
         if let Some(w) = &layer.q_norm {
             q = candle_nn::ops::rms_norm(&q, w, cfg.rms_eps)?;
         }

@@ -290,18 +290,43 @@ impl Packed {
         Tensor::from_vec(out, (ids.len(), k), &Device::Cpu)
     }
 
+    /// Whether `other` has this matrix's format and input width, so that both can share a
+    /// [`Packed::matmul_many`].
+    pub fn same_format(&self, other: &Self) -> bool {
+        self.kind == other.kind && self.k == other.k
+    }
+
     /// `x @ w^T` for `x` `(..., k)` on the CPU.
     ///
     /// # Errors
     /// `x` is not `k` wide, or a candle failure quantizing it or building the result.
     pub fn matmul(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (n, k, blocks) = (self.n, self.k, self.blocks);
+        let mut ys = Self::matmul_many(&[self], x)?;
+        ys.pop()
+            .ok_or_else(|| candle_core::Error::Msg("packed matmul: no result".into()))
+    }
+
+    /// `x @ w^T` for each of `mats` (all of one format and input width), the decode steps' work
+    /// shared out in one dispatch: the Q, K and V projections (or gate and up) of a step keep
+    /// both threads busy together instead of meeting at a barrier after each.
+    ///
+    /// # Errors
+    /// No matrices, formats or widths that differ, `x` of another width, or a candle failure
+    /// quantizing it or building the results.
+    pub fn matmul_many(mats: &[&Self], x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+        let Some(first) = mats.first() else {
+            candle_core::bail!("packed matmul: no matrices")
+        };
+        let (k, blocks, kind) = (first.k, first.blocks, first.kind);
+        if mats.iter().any(|p| p.k != k || p.kind != kind) {
+            candle_core::bail!("packed matmul: matrices of different formats or widths");
+        }
         let width = x.dim(candle_core::D::Minus1)?;
         if width != k {
             candle_core::bail!("packed matmul: input is {width} wide, weights {k}");
         }
         let m = x.elem_count() / k;
-        let xq = super::acts::quantize(x, m, k, self.kind.offset())?;
+        let xq = super::acts::quantize(x, m, k, kind.offset())?;
         let row = |r: usize| {
             let span = r * blocks..(r + 1) * blocks;
             Row {
@@ -319,82 +344,97 @@ impl Packed {
                 },
             }
         };
-        let groups = n.div_ceil(ROWS);
-        let mut y = vec![0f32; m * n];
-        // Rows `rows` against group `g`, into `out`: row `r`'s results at
-        // `(r - rows.start) * stride + col`.
-        let run = |g: usize, rows: std::ops::Range<usize>, out: &mut [f32], stride, col| {
-            let group = self.group(g);
-            let cols = ROWS.min(n - g * ROWS);
-            let base = rows.start;
-            let mut put = |r: usize, v: &[f32; ROWS]| {
-                let at = (r - base) * stride + col;
-                out[at..at + cols].copy_from_slice(&v[..cols]);
-            };
-            let mut r = rows.start;
-            while r + 2 * TILE <= rows.end {
-                let tile: [_; 2 * TILE] = std::array::from_fn(|i| row(r + i));
-                for (i, v) in self.tile(group, tile).iter().enumerate() {
-                    put(r + i, v);
-                }
-                r += 2 * TILE;
-            }
-            while r + TILE <= rows.end {
-                let tile: [_; TILE] = std::array::from_fn(|i| row(r + i));
-                for (i, v) in self.tile(group, tile).iter().enumerate() {
-                    put(r + i, v);
-                }
-                r += TILE;
-            }
-            for r in r..rows.end {
-                let [v] = self.tile(group, [row(r)]);
-                put(r, &v);
-            }
-        };
+        let mut ys: Vec<Vec<f32>> = mats.iter().map(|p| vec![0f32; m * p.n]).collect();
         if m >= PROMPT_ROWS {
             // Prompts: work items are spans of rows, each writing its own rows of the result;
             // a span reads all the weights, which stay in cache between its tiles.
             let span = (m / 8).next_multiple_of(TILE).clamp(TILE, 64);
-            super::super::par_fill(&mut y, span * n, |i, out| {
-                let rows = i * span..((i + 1) * span).min(m);
-                for g in 0..groups {
-                    run(g, rows.clone(), out, n, g * ROWS);
-                }
-            });
+            for (p, y) in mats.iter().zip(ys.iter_mut()) {
+                let n = p.n;
+                super::super::par_fill(y, span * n, |i, out| {
+                    let rows = i * span..((i + 1) * span).min(m);
+                    let base = rows.start;
+                    for g in 0..n.div_ceil(ROWS) {
+                        p.run(g, rows.clone(), row, |r, v, cols| {
+                            let at = (r - base) * n + g * ROWS;
+                            out[at..at + cols].copy_from_slice(&v[..cols]);
+                        });
+                    }
+                });
+            }
         } else {
-            // Decode steps: work items are spans of groups of weight rows (a lock each, not one
-            // per group). One row writes its columns of `y` directly; more rows go through a
-            // `(m, 16)` result per group, gathered into `y` afterwards.
-            let per = groups.div_ceil(16);
-            let spans = |i: usize| i * per..groups.min((i + 1) * per);
-            if m == 1 {
-                super::super::par_fill(&mut y, per * ROWS, |i, out| {
-                    for g in spans(i) {
-                        run(g, 0..1, out, 0, (g - i * per) * ROWS);
-                    }
-                });
-            } else {
-                let mut parts = vec![0f32; groups * m * ROWS];
-                super::super::par_fill(&mut parts, per * m * ROWS, |i, out| {
-                    for g in spans(i) {
-                        let at = (g - i * per) * m * ROWS;
-                        run(g, 0..m, &mut out[at..at + m * ROWS], ROWS, 0);
-                    }
-                });
-                for (g, part) in parts.chunks(m * ROWS).enumerate() {
-                    let cols = ROWS.min(n - g * ROWS);
-                    for r in 0..m {
-                        y[r * n + g * ROWS..r * n + g * ROWS + cols]
-                            .copy_from_slice(&part[r * ROWS..r * ROWS + cols]);
-                    }
+            // Decode steps: work items are spans of groups of weight rows (up to sixteen per
+            // matrix), each writing its columns of every row of its matrix's result.
+            let mut items = Vec::new();
+            for (j, (p, y)) in mats.iter().zip(ys.iter_mut()).enumerate() {
+                let groups = p.n.div_ceil(ROWS);
+                let per = groups.div_ceil(16);
+                let mut rows: Vec<_> = y
+                    .chunks_mut(p.n)
+                    .map(|r| r.chunks_mut(per * ROWS))
+                    .collect();
+                for first in (0..groups).step_by(per) {
+                    let pieces: Vec<&mut [f32]> =
+                        rows.iter_mut().filter_map(Iterator::next).collect();
+                    items.push(Mutex::new((j, first..groups.min(first + per), pieces)));
                 }
             }
+            candle_core::utils::barrier_pool().execute_chunked(items.len(), |range| {
+                for i in range {
+                    let Ok(mut item) = items[i].lock() else {
+                        continue;
+                    };
+                    let (j, span, pieces) = &mut *item;
+                    for g in span.clone() {
+                        let col = (g - span.start) * ROWS;
+                        mats[*j].run(g, 0..m, row, |r, v, cols| {
+                            pieces[r][col..col + cols].copy_from_slice(&v[..cols]);
+                        });
+                    }
+                }
+            });
         }
-        let mut shape = x.dims().to_vec();
-        if let Some(last) = shape.last_mut() {
-            *last = n;
+        let mut out = Vec::with_capacity(mats.len());
+        for (p, y) in mats.iter().zip(ys) {
+            let mut shape = x.dims().to_vec();
+            if let Some(last) = shape.last_mut() {
+                *last = p.n;
+            }
+            out.push(Tensor::from_vec(y, (m, p.n), &Device::Cpu)?.reshape(shape)?);
         }
-        Tensor::from_vec(y, (m, n), &Device::Cpu)?.reshape(shape)
+        Ok(out)
+    }
+
+    /// Activation rows `rows` (as `row` gives them) against group `g`, in tiles of eight, four
+    /// and one: `put(r, results, cols)` receives row `r`'s results for the group's `cols` rows.
+    fn run<'r>(
+        &self,
+        g: usize,
+        rows: std::ops::Range<usize>,
+        row: impl Fn(usize) -> Row<'r>,
+        mut put: impl FnMut(usize, &[f32; ROWS], usize),
+    ) {
+        let group = self.group(g);
+        let cols = ROWS.min(self.n - g * ROWS);
+        let mut r = rows.start;
+        while r + 2 * TILE <= rows.end {
+            let tile: [_; 2 * TILE] = std::array::from_fn(|i| row(r + i));
+            for (i, v) in self.tile(group, tile).iter().enumerate() {
+                put(r + i, v, cols);
+            }
+            r += 2 * TILE;
+        }
+        while r + TILE <= rows.end {
+            let tile: [_; TILE] = std::array::from_fn(|i| row(r + i));
+            for (i, v) in self.tile(group, tile).iter().enumerate() {
+                put(r + i, v, cols);
+            }
+            r += TILE;
+        }
+        for r in r..rows.end {
+            let [v] = self.tile(group, [row(r)]);
+            put(r, &v, cols);
+        }
     }
 
     /// Group `g`'s weights.
@@ -524,6 +564,39 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Several matrices in one dispatch give each matrix's own result, bit for bit, for decode
+    /// row counts and a prompt's; matrices of another format or width are refused.
+    #[test]
+    fn many_matrices_at_once_match_one_at_a_time() {
+        let dev = Device::Cpu;
+        let pack = |n: usize, k: usize, dtype| {
+            let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+            Packed::new(&QTensor::quantize(&w, dtype).unwrap()).unwrap()
+        };
+        let (Some(a), Some(b), Some(c)) = (
+            pack(576, 128, GgmlDType::Q4_1),
+            pack(40, 128, GgmlDType::Q4_1),
+            pack(200, 128, GgmlDType::Q4_1),
+        ) else {
+            assert!(!available());
+            return;
+        };
+        for m in [1usize, 3, 8, 40] {
+            let x = Tensor::randn(0f32, 1.0, (m, 1, 128), &dev).unwrap();
+            let many = Packed::matmul_many(&[&a, &b, &c], &x).unwrap();
+            for (p, got) in [&a, &b, &c].iter().zip(&many) {
+                let want = p.matmul(&x).unwrap();
+                assert_eq!(got.dims(), want.dims());
+                let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                assert_eq!(bits(got), bits(&want), "{m} rows");
+            }
+        }
+        let other = pack(32, 128, GgmlDType::Q8_0).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 128), &dev).unwrap();
+        assert!(Packed::matmul_many(&[&a, &other], &x).is_err());
+        assert!(Packed::matmul_many(&[], &x).is_err());
     }
 
     /// Rows read back from the packed copy are candle's dequantized rows, exactly.
