@@ -365,7 +365,9 @@ impl Packed {
         } else {
             // Decode steps: work items are spans of groups of weight rows (up to sixteen per
             // matrix), each writing its columns of every row of its matrix's result.
+            // The `m` row pieces of item `i` are `pieces[i * m..(i + 1) * m]`.
             let mut items = Vec::new();
+            let mut pieces = Vec::new();
             for (j, (p, y)) in mats.iter().zip(ys.iter_mut()).enumerate() {
                 let groups = p.n.div_ceil(ROWS);
                 let per = groups.div_ceil(16);
@@ -374,21 +376,24 @@ impl Packed {
                     .map(|r| r.chunks_mut(per * ROWS))
                     .collect();
                 for first in (0..groups).step_by(per) {
-                    let pieces: Vec<&mut [f32]> =
-                        rows.iter_mut().filter_map(Iterator::next).collect();
-                    items.push(Mutex::new((j, first..groups.min(first + per), pieces)));
+                    pieces.extend(rows.iter_mut().filter_map(Iterator::next).map(Mutex::new));
+                    items.push((j, first..groups.min(first + per)));
                 }
             }
             candle_core::utils::barrier_pool().execute_chunked(items.len(), |range| {
                 for i in range {
-                    let Ok(mut item) = items[i].lock() else {
-                        continue;
-                    };
-                    let (j, span, pieces) = &mut *item;
+                    let (j, span) = &items[i];
+                    // Fewer than PROMPT_ROWS rows here: the guards fit on the stack.
+                    let mut rows: [Option<_>; PROMPT_ROWS] = std::array::from_fn(|_| None);
+                    for (slot, p) in rows.iter_mut().zip(&pieces[i * m..(i + 1) * m]) {
+                        *slot = p.lock().ok();
+                    }
                     for g in span.clone() {
                         let col = (g - span.start) * ROWS;
                         mats[*j].run(g, 0..m, row, |r, v, cols| {
-                            pieces[r][col..col + cols].copy_from_slice(&v[..cols]);
+                            if let Some(Some(out)) = rows.get_mut(r) {
+                                out[col..col + cols].copy_from_slice(&v[..cols]);
+                            }
                         });
                     }
                 }
