@@ -6,7 +6,7 @@
 //! once, and with each dimension's values for consecutive positions side by side those scores
 //! are plain vector multiply-adds; for prompts the transposed keys are what `q @ k^T` wants.
 
-use candle_core::{bail, CpuStorage, DType, InplaceOp2, Layout, Tensor};
+use candle_core::{bail, CpuStorage, DType, Device, InplaceOp1, Layout, Tensor};
 
 use super::ModelError;
 
@@ -101,6 +101,61 @@ impl KvCache {
         v: &Tensor,
     ) -> Result<(Tensor, Tensor), ModelError> {
         let (b, heads, n, dim) = k.dims4()?;
+        if k.device().is_cpu() && k.dtype() == DType::F32 && b == 1 {
+            let (k, v) = (super::f32_values(k)?, super::f32_values(v)?);
+            return self.append_values(layer, &k, &v, heads, dim);
+        }
+        let len = self.len;
+        let c = self.reserve(layer, (b, heads, n, dim), k.dtype(), k.device())?;
+        c.k.slice_set(&k.transpose(2, 3)?.contiguous()?, K_POS, len)?;
+        c.v.slice_set(&v.contiguous()?, V_POS, len)?;
+        Ok((
+            c.k.narrow(K_POS, 0, len + n)?,
+            c.v.narrow(V_POS, 0, len + n)?,
+        ))
+    }
+
+    /// [`KvCache::append`] for f32 keys and values at hand on the CPU, `(heads, n, dim)`
+    /// row-major, written into the storage in place (without candle's strided copy, one tiny
+    /// copy per key dimension).
+    pub(crate) fn append_values(
+        &mut self,
+        layer: usize,
+        k: &[f32],
+        v: &[f32],
+        heads: usize,
+        dim: usize,
+    ) -> Result<(Tensor, Tensor), ModelError> {
+        let n = k.len() / (heads * dim).max(1);
+        if k.len() != heads * n * dim || v.len() != k.len() || n == 0 {
+            return Err(ModelError::Internal("keys and values do not fit the heads"));
+        }
+        let len = self.len;
+        let c = self.reserve(layer, (1, heads, n, dim), DType::F32, &Device::Cpu)?;
+        let at = |src, transposed| Store {
+            src,
+            heads,
+            n,
+            pos: len,
+            transposed,
+        };
+        c.k.inplace_op1(&at(k, true))?;
+        c.v.inplace_op1(&at(v, false))?;
+        Ok((
+            c.k.narrow(K_POS, 0, len + n)?,
+            c.v.narrow(V_POS, 0, len + n)?,
+        ))
+    }
+
+    /// Layer `layer`'s storage with room for `n` more positions (of `(b, heads, n, dim)`),
+    /// doubled when it is full.
+    fn reserve(
+        &mut self,
+        layer: usize,
+        (b, heads, n, dim): (usize, usize, usize, usize),
+        dtype: DType,
+        device: &Device,
+    ) -> Result<&LayerCache, ModelError> {
         let needed = self.len + n;
         let slot = self
             .layers
@@ -113,8 +168,8 @@ impl KvCache {
         if grow {
             let old_cap = slot.as_ref().map_or(0, |c| c.v.dims()[V_POS]);
             let cap = needed.max(old_cap * 2).max(MIN_CAPACITY);
-            let nk = Tensor::zeros((b, heads, dim, cap), k.dtype(), k.device())?;
-            let nv = Tensor::zeros((b, heads, cap, dim), v.dtype(), v.device())?;
+            let nk = Tensor::zeros((b, heads, dim, cap), dtype, device)?;
+            let nv = Tensor::zeros((b, heads, cap, dim), dtype, device)?;
             if let Some(c) = slot.as_ref() {
                 if self.len > 0 {
                     nk.slice_set(&c.k.narrow(K_POS, 0, self.len)?.contiguous()?, K_POS, 0)?;
@@ -123,71 +178,51 @@ impl KvCache {
             }
             *slot = Some(LayerCache { k: nk, v: nv });
         }
-        let c = slot
-            .as_ref()
-            .ok_or(ModelError::Internal("kv cache layer missing after growth"))?;
-        if k.device().is_cpu() && k.dtype() == DType::F32 {
-            // In place, without candle's strided copy (one tiny copy per key dimension).
-            let at = |transposed| Store {
-                pos: self.len,
-                transposed,
-            };
-            c.k.inplace_op2(&k.contiguous()?, &at(true))?;
-            c.v.inplace_op2(&v.contiguous()?, &at(false))?;
-        } else {
-            c.k.slice_set(&k.transpose(2, 3)?.contiguous()?, K_POS, self.len)?;
-            c.v.slice_set(&v.contiguous()?, V_POS, self.len)?;
-        }
-        Ok((c.k.narrow(K_POS, 0, needed)?, c.v.narrow(V_POS, 0, needed)?))
+        slot.as_ref()
+            .ok_or(ModelError::Internal("kv cache layer missing after growth"))
     }
 }
 
-/// Writes new positions' keys or values, `(1, kv_heads, n, head_dim)` contiguous, into a layer's
-/// f32 storage at position `pos`: transposed for keys (`(1, kv_heads, head_dim, capacity)`), as
-/// they are for values (`(1, kv_heads, capacity, head_dim)`).
-struct Store {
+/// Writes new positions' keys or values, `src` `(heads, n, head_dim)` row-major, into a layer's
+/// f32 storage at position `pos`: transposed for keys (`(1, heads, head_dim, capacity)`), as
+/// they are for values (`(1, heads, capacity, head_dim)`).
+struct Store<'a> {
+    src: &'a [f32],
+    heads: usize,
+    n: usize,
     pos: usize,
     transposed: bool,
 }
 
-impl InplaceOp2 for Store {
+impl InplaceOp1 for Store<'_> {
     fn name(&self) -> &'static str {
         "kv-cache-store"
     }
 
-    fn cpu_fwd(
-        &self,
-        dst: &mut CpuStorage,
-        dst_l: &Layout,
-        src: &CpuStorage,
-        src_l: &Layout,
-    ) -> candle_core::Result<()> {
-        let (CpuStorage::F32(dst), CpuStorage::F32(src)) = (dst, src) else {
+    fn cpu_fwd(&self, dst: &mut CpuStorage, dst_l: &Layout) -> candle_core::Result<()> {
+        let CpuStorage::F32(dst) = dst else {
             bail!("kv cache store: f32 storage expected")
         };
-        let (Some((d0, d1)), Some((s0, s1))) =
-            (dst_l.contiguous_offsets(), src_l.contiguous_offsets())
-        else {
-            bail!("kv cache store: contiguous tensors expected")
+        let Some((d0, d1)) = dst_l.contiguous_offsets() else {
+            bail!("kv cache store: contiguous storage expected")
         };
-        let (dst, src) = (&mut dst[d0..d1], &src[s0..s1]);
-        let (_, heads, n, dim) = src_l.shape().dims4()?;
+        let dst = &mut dst[d0..d1];
+        let (heads, n, pos) = (self.heads, self.n, self.pos);
         let (_, dst_heads, a, b) = dst_l.shape().dims4()?;
-        let (cap, dst_dim) = if self.transposed { (b, a) } else { (a, b) };
-        if dst_heads != heads || dst_dim != dim || self.pos + n > cap {
+        let (cap, dim) = if self.transposed { (b, a) } else { (a, b) };
+        if dst_heads != heads || self.src.len() != heads * n * dim || pos + n > cap {
             bail!("kv cache store: shapes do not fit")
         }
-        for h in 0..heads {
-            let rows = &src[h * n * dim..(h + 1) * n * dim];
+        for (h, rows) in self.src.chunks_exact(n * dim).enumerate() {
             if self.transposed {
                 let head = &mut dst[h * dim * cap..(h + 1) * dim * cap];
                 for (i, row) in rows.chunks_exact(dim).enumerate() {
                     for (d, &x) in row.iter().enumerate() {
-                        head[d * cap + self.pos + i] = x;
+                        head[d * cap + pos + i] = x;
                     }
                 }
             } else {
-                let at = (h * cap + self.pos) * dim;
+                let at = (h * cap + pos) * dim;
                 dst[at..at + n * dim].copy_from_slice(rows);
             }
         }

@@ -105,10 +105,23 @@ pub(super) fn attend(
     kv: &[(Tensor, Tensor)],
     heads: &Heads,
 ) -> Result<Tensor, ModelError> {
+    let out = attend_values(&values(q)?, kv, heads)?;
+    let (n, width) = (kv.len(), heads.n_heads * heads.head_dim);
+    Ok(Tensor::from_vec(out, (n, 1, width), &Device::Cpu)?)
+}
+
+/// [`attend`] for queries at hand, `(n, n_heads * head_dim)` row-major; the result likewise.
+///
+/// # Errors
+/// As [`attend`].
+pub(super) fn attend_values(
+    q: &[f32],
+    kv: &[(Tensor, Tensor)],
+    heads: &Heads,
+) -> Result<Vec<f32>, ModelError> {
     let n = kv.len();
     let (hd, nh) = (heads.head_dim, heads.n_heads);
     let group = nh / heads.n_kv_heads.max(1);
-    let q = values(q)?;
     if q.len() != n * nh * hd || group == 0 {
         return Err(ModelError::Internal(
             "query shape does not match the caches",
@@ -185,11 +198,10 @@ pub(super) fn attend(
             }
         }
     });
-    let out: Vec<f32> = cells
+    Ok(cells
         .into_iter()
         .map(|c| f32::from_bits(c.into_inner()))
-        .collect();
-    Ok(Tensor::from_vec(out, (n, 1, nh * hd), &Device::Cpu)?)
+        .collect())
 }
 
 /// Most query heads that one work item handles together.

@@ -76,8 +76,13 @@ pub(super) fn gated(gate: &Tensor, up: &Tensor, act: Activation) -> candle_core:
         };
         return g * up;
     }
-    let (g, u) = (values(gate)?, values(up)?);
-    let mut out = vec![0f32; g.len()];
+    let out = gated_values(&values(gate)?, &values(up)?, act);
+    Tensor::from_vec(out, gate.shape(), gate.device())
+}
+
+/// [`gated`] on values at hand, `gate` and `up` of one length.
+pub(super) fn gated_values(g: &[f32], u: &[f32], act: Activation) -> Vec<f32> {
+    let mut out = vec![0f32; g.len().min(u.len())];
     par_fill(&mut out, PIECE, |i, o| {
         let start = i * PIECE;
         let (g, u) = (&g[start..start + o.len()], &u[start..start + o.len()]);
@@ -94,7 +99,7 @@ pub(super) fn gated(gate: &Tensor, up: &Tensor, act: Activation) -> candle_core:
             }
         }
     });
-    Tensor::from_vec(out, gate.shape(), gate.device())
+    out
 }
 
 /// Softmax over the last dimension.

@@ -146,6 +146,33 @@ impl Linear {
         mats.iter().map(|l| l.forward(x)).collect()
     }
 
+    /// [`Linear::forward_many`] for `m` rows of `k` values at hand (on the CPU): one result,
+    /// `(m, n)` row-major, per matrix.
+    ///
+    /// # Errors
+    /// As [`Linear::forward`].
+    pub fn forward_values(
+        mats: &[&Self],
+        x: &[f32],
+        m: usize,
+    ) -> candle_core::Result<Vec<Vec<f32>>> {
+        let packed: Vec<&Packed> = mats
+            .iter()
+            .filter_map(|l| match l {
+                Self::Packed(p) => Some(&**p),
+                Self::Quantized { .. } => None,
+            })
+            .collect();
+        if packed.len() == mats.len() && packed.windows(2).all(|w| w[0].same_format(w[1])) {
+            return Packed::matmul_many_values(&packed, x, m);
+        }
+        // One tensor for all: the quantized input is computed once (`per_input`).
+        let x = Tensor::from_slice(x, (m, x.len() / m.max(1)), &candle_core::Device::Cpu)?;
+        mats.iter()
+            .map(|l| super::f32_values(&l.forward(&x)?))
+            .collect()
+    }
+
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (matmul, dense) = match self {
             Self::Packed(p) => return p.matmul(x),

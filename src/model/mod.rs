@@ -10,6 +10,7 @@ mod fused;
 mod lanes;
 mod linear;
 mod qdot;
+mod step;
 mod transformer;
 
 use std::fs::File;

@@ -26,6 +26,7 @@ use super::decode_attn;
 use super::fused;
 use super::linear::Linear;
 use super::qdot::packed::Packed;
+use super::step::HostParams;
 use super::ModelError;
 
 /// Which rotation the Q/K heads get.
@@ -72,30 +73,32 @@ pub struct Config {
 }
 
 /// A layer's learned tensors.
-struct Layer {
-    attn_norm: Tensor,
-    wq: Linear,
-    wk: Linear,
-    wv: Linear,
-    wo: Linear,
-    bq: Option<Tensor>,
-    bk: Option<Tensor>,
-    bv: Option<Tensor>,
-    q_norm: Option<Tensor>,
-    k_norm: Option<Tensor>,
-    post_attn_norm: Option<Tensor>,
-    ffn_norm: Tensor,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
-    post_ffn_norm: Option<Tensor>,
+pub(super) struct Layer {
+    pub(super) attn_norm: Tensor,
+    pub(super) wq: Linear,
+    pub(super) wk: Linear,
+    pub(super) wv: Linear,
+    pub(super) wo: Linear,
+    pub(super) bq: Option<Tensor>,
+    pub(super) bk: Option<Tensor>,
+    pub(super) bv: Option<Tensor>,
+    pub(super) q_norm: Option<Tensor>,
+    pub(super) k_norm: Option<Tensor>,
+    pub(super) post_attn_norm: Option<Tensor>,
+    pub(super) ffn_norm: Tensor,
+    pub(super) gate: Linear,
+    pub(super) up: Linear,
+    pub(super) down: Linear,
+    pub(super) post_ffn_norm: Option<Tensor>,
     /// Window size when this layer uses sliding-window attention.
-    window: Option<usize>,
-    rope_base: f32,
+    pub(super) window: Option<usize>,
+    pub(super) rope_base: f32,
+    /// Norm weights and biases as host values, for the CPU decode step (`None` elsewhere).
+    pub(super) host: Option<HostParams>,
 }
 
 /// The token embedding: quantized rows, dequantized on lookup.
-enum Embedding {
+pub(super) enum Embedding {
     Quantized(Arc<QTensor>),
     /// Packed for the CPU kernels, shared with the (tied) vocabulary projection.
     Packed(Arc<Packed>),
@@ -103,7 +106,7 @@ enum Embedding {
 
 impl Embedding {
     /// The rows of `tokens`, `(tokens.len(), hidden)`.
-    fn lookup(&self, tokens: &[u32], device: &Device) -> candle_core::Result<Tensor> {
+    pub(super) fn lookup(&self, tokens: &[u32], device: &Device) -> candle_core::Result<Tensor> {
         match self {
             Self::Quantized(q) => {
                 q.embedding(&Tensor::from_slice(tokens, (tokens.len(),), device)?)
@@ -115,14 +118,16 @@ impl Embedding {
 
 /// The weights of one model, immutable after load; sequences bring their own caches.
 pub struct Transformer {
-    cfg: Config,
-    embed: Embedding,
-    layers: Vec<Layer>,
-    out_norm: Tensor,
-    output: Linear,
+    pub(super) cfg: Config,
+    pub(super) embed: Embedding,
+    pub(super) layers: Vec<Layer>,
+    pub(super) out_norm: Tensor,
+    pub(super) output: Linear,
     /// Per-dimension rope frequency divisors (Llama 3.1 `rope_freqs.weight`), if the file has them.
-    rope_freqs: Option<Vec<f32>>,
-    device: Device,
+    pub(super) rope_freqs: Option<Vec<f32>>,
+    pub(super) device: Device,
+    /// The final norm's weights as host values, for the CPU decode step.
+    pub(super) out_norm_host: Option<Vec<f32>>,
 }
 
 /// State shared by the layers of one forward call: positions, the sequence's cache, and the
@@ -204,6 +209,11 @@ impl Transformer {
         for i in 0..cfg.n_layers {
             layers.push(Self::load_layer(&cfg, i, src, device)?);
         }
+        let out_norm_host = if device.is_cpu() {
+            Some(super::f32_values(&out_norm)?)
+        } else {
+            None
+        };
         Ok(Self {
             cfg,
             embed,
@@ -212,6 +222,7 @@ impl Transformer {
             output,
             rope_freqs,
             device: device.clone(),
+            out_norm_host,
         })
     }
 
@@ -239,7 +250,7 @@ impl Transformer {
             (Some(_), Some(local)) => local,
             _ => cfg.rope_base,
         };
-        Ok(Layer {
+        let mut layer = Layer {
             attn_norm: dense(required(src, &name("attn_norm.weight"))?, device)?,
             ffn_norm: dense(required(src, &name("ffn_norm.weight"))?, device)?,
             bq: optional_dense(src, &name("attn_q.bias"), device)?,
@@ -258,7 +269,12 @@ impl Transformer {
             down,
             window,
             rope_base,
-        })
+            host: None,
+        };
+        if device.is_cpu() {
+            layer.host = Some(HostParams::new(&layer)?);
+        }
+        Ok(layer)
     }
 
     pub fn config(&self) -> &Config {
@@ -290,6 +306,10 @@ impl Transformer {
                 needed: pos + seq_len,
                 limit: self.cfg.context_length,
             });
+        }
+        if seq_len == 1 && self.has_decode_step() {
+            // One token: the decode step's path, which computes the same bits.
+            return Ok(self.decode_step(tokens, &mut [cache])?.flatten_all()?);
         }
         let mut x = self.embed.lookup(tokens, &self.device)?.unsqueeze(0)?;
         if self.cfg.scale_embeddings {
@@ -338,6 +358,9 @@ impl Transformer {
                 needed: c.len() + 1,
                 limit: self.cfg.context_length,
             });
+        }
+        if self.has_decode_step() {
+            return self.decode_step(tokens, caches);
         }
         let mut x = self.embed.lookup(tokens, &self.device)?.unsqueeze(1)?;
         if self.cfg.scale_embeddings {
@@ -422,7 +445,7 @@ impl Transformer {
     }
 
     /// The head shapes, for the CPU decode attention.
-    fn heads(&self) -> decode_attn::Heads {
+    pub(super) fn heads(&self) -> decode_attn::Heads {
         decode_attn::Heads {
             n_heads: self.cfg.n_heads,
             n_kv_heads: self.cfg.n_kv_heads,
@@ -602,6 +625,20 @@ impl Transformer {
         seq_len: usize,
     ) -> Result<(Tensor, Tensor), ModelError> {
         let half = self.cfg.rope_dims / 2;
+        let (cos, sin) = self.rope_values(base, pos, seq_len);
+        let cos = Tensor::from_vec(cos, (seq_len, half), &self.device)?;
+        let sin = Tensor::from_vec(sin, (seq_len, half), &self.device)?;
+        Ok((cos, sin))
+    }
+
+    /// [`Transformer::rope_tables`]' values, row-major.
+    pub(super) fn rope_values(
+        &self,
+        base: f32,
+        pos: usize,
+        seq_len: usize,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let half = self.cfg.rope_dims / 2;
         let inv_freq: Vec<f32> = (0..half)
             .map(|i| {
                 let f = 1.0 / base.powf(2.0 * i as f32 / self.cfg.rope_dims as f32);
@@ -620,16 +657,14 @@ impl Transformer {
                 sin.push(angle.sin());
             }
         }
-        let cos = Tensor::from_vec(cos, (seq_len, half), &self.device)?;
-        let sin = Tensor::from_vec(sin, (seq_len, half), &self.device)?;
-        Ok((cos, sin))
+        (cos, sin)
     }
 }
 
 /// The stored keys (transposed) and values (`total` positions, the new ones from `pos`) that
 /// this layer's queries may see, and the first of them: a sliding layer never looks further back than its
 /// window, so older keys are dropped up front.
-fn visible(
+pub(super) fn visible(
     layer: &Layer,
     k_all: Tensor,
     v_all: Tensor,

@@ -88,7 +88,19 @@ fn quantize_now(
     k: usize,
     offset: Option<i32>,
 ) -> candle_core::Result<Quantized> {
-    let values = super::super::f32_values(x)?;
+    quantize_values(&super::super::f32_values(x)?, rows, k, offset)
+}
+
+/// [`quantize`] for values already at hand (no cache: the caller quantizes each input once).
+///
+/// # Errors
+/// `values` is not `rows` rows of `k`, or `k` is not a multiple of the block.
+pub(super) fn quantize_values(
+    values: &[f32],
+    rows: usize,
+    k: usize,
+    offset: Option<i32>,
+) -> candle_core::Result<Quantized> {
     if values.len() != rows * k || !k.is_multiple_of(BLOCK) {
         candle_core::bail!(
             "quantize: {} values are not {rows} rows of {k}",

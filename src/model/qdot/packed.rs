@@ -314,19 +314,54 @@ impl Packed {
     /// No matrices, formats or widths that differ, `x` of another width, or a candle failure
     /// quantizing it or building the results.
     pub fn matmul_many(mats: &[&Self], x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
-        let Some(first) = mats.first() else {
-            candle_core::bail!("packed matmul: no matrices")
-        };
-        let (k, blocks, kind) = (first.k, first.blocks, first.kind);
-        if mats.iter().any(|p| p.k != k || p.kind != kind) {
-            candle_core::bail!("packed matmul: matrices of different formats or widths");
-        }
+        let (k, kind) = Self::common(mats)?;
         let width = x.dim(candle_core::D::Minus1)?;
         if width != k {
             candle_core::bail!("packed matmul: input is {width} wide, weights {k}");
         }
         let m = x.elem_count() / k;
         let xq = super::acts::quantize(x, m, k, kind.offset())?;
+        let ys = Self::matmul_quantized(mats, &xq, m);
+        let mut out = Vec::with_capacity(mats.len());
+        for (p, y) in mats.iter().zip(ys) {
+            let mut shape = x.dims().to_vec();
+            if let Some(last) = shape.last_mut() {
+                *last = p.n;
+            }
+            out.push(Tensor::from_vec(y, (m, p.n), &Device::Cpu)?.reshape(shape)?);
+        }
+        Ok(out)
+    }
+
+    /// [`Packed::matmul_many`] for `m` rows of values at hand: one result, `(m, n)` row-major,
+    /// per matrix.
+    ///
+    /// # Errors
+    /// As [`Packed::matmul_many`].
+    pub fn matmul_many_values(
+        mats: &[&Self],
+        x: &[f32],
+        m: usize,
+    ) -> candle_core::Result<Vec<Vec<f32>>> {
+        let (k, kind) = Self::common(mats)?;
+        let xq = super::acts::quantize_values(x, m, k, kind.offset())?;
+        Ok(Self::matmul_quantized(mats, &xq, m))
+    }
+
+    /// The input width and format that `mats` share.
+    fn common(mats: &[&Self]) -> candle_core::Result<(usize, Kind)> {
+        let Some(first) = mats.first() else {
+            candle_core::bail!("packed matmul: no matrices")
+        };
+        if mats.iter().any(|p| !p.same_format(first)) {
+            candle_core::bail!("packed matmul: matrices of different formats or widths");
+        }
+        Ok((first.k, first.kind))
+    }
+
+    /// The matrices against `m` quantized rows (of the width and format checked by the caller).
+    fn matmul_quantized(mats: &[&Self], xq: &super::acts::Quantized, m: usize) -> Vec<Vec<f32>> {
+        let (k, blocks) = (mats[0].k, mats[0].blocks);
         let row = |r: usize| {
             let span = r * blocks..(r + 1) * blocks;
             Row {
@@ -399,15 +434,7 @@ impl Packed {
                 }
             });
         }
-        let mut out = Vec::with_capacity(mats.len());
-        for (p, y) in mats.iter().zip(ys) {
-            let mut shape = x.dims().to_vec();
-            if let Some(last) = shape.last_mut() {
-                *last = p.n;
-            }
-            out.push(Tensor::from_vec(y, (m, p.n), &Device::Cpu)?.reshape(shape)?);
-        }
-        Ok(out)
+        ys
     }
 
     /// Activation rows `rows` (as `row` gives them) against group `g`, in tiles of eight, four

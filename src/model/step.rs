@@ -1,0 +1,292 @@
+//! Decode steps on the CPU: one new token for each of several sequences, on plain buffers.
+//!
+//! Through candle a decode step is some twenty operations per layer (norms, reshapes, copies,
+//! rotations, adds), each allocating its output, wrapping it in a tensor and locking storage.
+//! With one token per sequence each of them does little work, so together they were a third
+//! of a step's time, all on the main thread while the workers waited. Here the small operations
+//! are loops over the step's rows, and the large ones (projections, attention, the gated
+//! activation) are the same kernels the candle path calls, on the same values: every result is
+//! bit for bit the candle path's (the norms and rotations below repeat candle's arithmetic in
+//! candle's order), which the greedy tests check.
+
+use candle_core::{DType, Tensor};
+
+use super::cache::KvCache;
+use super::decode_attn;
+use super::fused;
+use super::linear::Linear;
+use super::transformer::{visible, Layer, RopeStyle, Transformer};
+use super::ModelError;
+
+/// A layer's norm weights and biases as host values.
+pub(super) struct HostParams {
+    attn_norm: Vec<f32>,
+    ffn_norm: Vec<f32>,
+    post_attn_norm: Option<Vec<f32>>,
+    post_ffn_norm: Option<Vec<f32>>,
+    q_norm: Option<Vec<f32>>,
+    k_norm: Option<Vec<f32>>,
+    bq: Option<Vec<f32>>,
+    bk: Option<Vec<f32>>,
+    bv: Option<Vec<f32>>,
+}
+
+fn host(t: &Tensor) -> Result<Vec<f32>, ModelError> {
+    Ok(super::f32_values(t)?)
+}
+
+fn host_opt(t: &Option<Tensor>) -> Result<Option<Vec<f32>>, ModelError> {
+    t.as_ref().map(host).transpose()
+}
+
+impl HostParams {
+    /// The layer's small tensors, copied.
+    ///
+    /// # Errors
+    /// A candle failure reading them.
+    pub(super) fn new(layer: &Layer) -> Result<Self, ModelError> {
+        Ok(Self {
+            attn_norm: host(&layer.attn_norm)?,
+            ffn_norm: host(&layer.ffn_norm)?,
+            post_attn_norm: host_opt(&layer.post_attn_norm)?,
+            post_ffn_norm: host_opt(&layer.post_ffn_norm)?,
+            q_norm: host_opt(&layer.q_norm)?,
+            k_norm: host_opt(&layer.k_norm)?,
+            bq: host_opt(&layer.bq)?,
+            bk: host_opt(&layer.bk)?,
+            bv: host_opt(&layer.bv)?,
+        })
+    }
+}
+
+/// RMS norm of each row of `x` (rows as wide as `w`), as candle's `rms_norm` computes it: the
+/// sum of squares added in order, `x / sqrt(mean + eps) * w`.
+fn rms_rows(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let n = w.len().max(1);
+    let mut out = vec![0f32; x.len()];
+    for (src, dst) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+        let sum2 = src.iter().map(|&v| v * v).sum::<f32>();
+        let m = (sum2 / n as f32 + eps).sqrt();
+        for ((d, &s), &a) in dst.iter_mut().zip(src).zip(w) {
+            *d = s / m * a;
+        }
+    }
+    out
+}
+
+/// `x += y`, element by element.
+fn add(x: &mut [f32], y: &[f32]) {
+    for (a, &b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+/// Each row of `x` plus `bias`.
+fn add_bias(x: &mut [f32], bias: &Option<Vec<f32>>) {
+    if let Some(b) = bias {
+        for row in x.chunks_exact_mut(b.len().max(1)) {
+            add(row, b);
+        }
+    }
+}
+
+/// Rotate the first `dims` values of each head (`head_dim` wide) of `x` by the angles whose
+/// cosines and sines are `cos`, `sin` (`dims / 2` each), as candle's `rope_i` (interleaved
+/// pairs) or `rope` (halves) computes it.
+fn rotate(x: &mut [f32], head_dim: usize, dims: usize, style: RopeStyle, cos: &[f32], sin: &[f32]) {
+    let half = dims / 2;
+    for head in x.chunks_exact_mut(head_dim.max(1)) {
+        for i in 0..half.min(cos.len()).min(sin.len()) {
+            let (a, b) = match style {
+                RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+                RopeStyle::Neox => (i, i + half),
+            };
+            let (x1, x2) = (head[a], head[b]);
+            head[a] = x1 * cos[i] - x2 * sin[i];
+            head[b] = x1 * sin[i] + x2 * cos[i];
+        }
+    }
+}
+
+/// Unpack a fixed number of results.
+fn parts<const N: usize>(v: Vec<Vec<f32>>) -> Result<[Vec<f32>; N], ModelError> {
+    v.try_into()
+        .map_err(|_| ModelError::Internal("projection count"))
+}
+
+impl Transformer {
+    /// Whether [`Transformer::decode_step`] applies: f32 on the CPU, with host parameters.
+    pub(super) fn has_decode_step(&self) -> bool {
+        decode_attn::applies(&self.device, DType::F32)
+            && self.out_norm_host.is_some()
+            && self.layers.iter().all(|l| l.host.is_some())
+    }
+
+    /// One decode step: `tokens[i]` is the next token of the sequence whose cache is
+    /// `caches[i]`. Returns the logits, `(tokens.len(), vocab)`. The caller checks counts and
+    /// context lengths.
+    ///
+    /// # Errors
+    /// A candle failure in a kernel or the cache.
+    pub(super) fn decode_step(
+        &self,
+        tokens: &[u32],
+        caches: &mut [&mut KvCache],
+    ) -> Result<Tensor, ModelError> {
+        let cfg = &self.cfg;
+        let n = tokens.len();
+        let mut x = self.embed.lookup(tokens, &self.device)?;
+        if cfg.scale_embeddings {
+            x = (x * (cfg.hidden as f64).sqrt())?;
+        }
+        let mut x = super::f32_values(&x)?;
+        // Rope tables per base and sequence, built once per step.
+        let mut ropes: Vec<(f32, Vec<(Vec<f32>, Vec<f32>)>)> = Vec::new();
+        for layer in &self.layers {
+            if ropes.iter().all(|(b, _)| *b != layer.rope_base) {
+                let tables = caches
+                    .iter()
+                    .map(|c| self.rope_values(layer.rope_base, c.len(), 1))
+                    .collect();
+                ropes.push((layer.rope_base, tables));
+            }
+        }
+        let (hd, eps) = (cfg.head_dim, cfg.rms_eps);
+        let heads = self.heads();
+        for (index, layer) in self.layers.iter().enumerate() {
+            let p = layer
+                .host
+                .as_ref()
+                .ok_or(ModelError::Internal("host parameters missing"))?;
+            let tables = ropes
+                .iter()
+                .find(|(b, _)| *b == layer.rope_base)
+                .map(|(_, t)| t)
+                .ok_or(ModelError::Internal("rope tables missing"))?;
+            // Attention.
+            let h = rms_rows(&x, &p.attn_norm, eps);
+            let [mut q, mut k, v] = parts(Linear::forward_values(
+                &[&layer.wq, &layer.wk, &layer.wv],
+                &h,
+                n,
+            )?)?;
+            add_bias(&mut q, &p.bq);
+            add_bias(&mut k, &p.bk);
+            let mut v = v;
+            add_bias(&mut v, &p.bv);
+            if let Some(w) = &p.q_norm {
+                q = rms_rows(&q, w, eps);
+            }
+            if let Some(w) = &p.k_norm {
+                k = rms_rows(&k, w, eps);
+            }
+            let (qw, kw) = (q.len() / n, k.len() / n);
+            let mut kv = Vec::with_capacity(n);
+            for (i, cache) in caches.iter_mut().enumerate() {
+                let (cos, sin) = &tables[i];
+                let dims = cfg.rope_dims;
+                rotate(
+                    &mut q[i * qw..(i + 1) * qw],
+                    hd,
+                    dims,
+                    cfg.rope_style,
+                    cos,
+                    sin,
+                );
+                let ki = &mut k[i * kw..(i + 1) * kw];
+                rotate(ki, hd, dims, cfg.rope_style, cos, sin);
+                let pos = cache.len();
+                let vi = &v[i * kw..(i + 1) * kw];
+                let (k_all, v_all) = cache.append_values(index, ki, vi, cfg.n_kv_heads, hd)?;
+                let (k_all, v_all, _) = visible(layer, k_all, v_all, pos, pos + 1)?;
+                kv.push((k_all, v_all));
+            }
+            let out = decode_attn::attend_values(&q, &kv, &heads)?;
+            drop(kv);
+            let [mut o] = parts(Linear::forward_values(&[&layer.wo], &out, n)?)?;
+            if let Some(w) = &p.post_attn_norm {
+                o = rms_rows(&o, w, eps);
+            }
+            add(&mut x, &o);
+            // MLP.
+            let h = rms_rows(&x, &p.ffn_norm, eps);
+            let [gate, up] = parts(Linear::forward_values(&[&layer.gate, &layer.up], &h, n)?)?;
+            let act = fused::gated_values(&gate, &up, cfg.activation);
+            let [mut d] = parts(Linear::forward_values(&[&layer.down], &act, n)?)?;
+            if let Some(w) = &p.post_ffn_norm {
+                d = rms_rows(&d, w, eps);
+            }
+            add(&mut x, &d);
+        }
+        for c in caches.iter_mut() {
+            c.advance(1);
+        }
+        let norm = self
+            .out_norm_host
+            .as_ref()
+            .ok_or(ModelError::Internal("host parameters missing"))?;
+        let h = rms_rows(&x, norm, eps);
+        let [logits] = parts(Linear::forward_values(&[&self.output], &h, n)?)?;
+        let vocab = logits.len() / n;
+        Ok(Tensor::from_vec(logits, (n, vocab), &self.device)?)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    /// The norm is candle's, bit for bit, for rows of several widths.
+    #[test]
+    fn rms_rows_is_candles_rms_norm() {
+        let dev = Device::Cpu;
+        for width in [8usize, 64, 576, 640] {
+            let x = Tensor::randn(0f32, 2.0, (5, width), &dev).unwrap();
+            let w = Tensor::randn(1f32, 0.5, (width,), &dev).unwrap();
+            let want = candle_nn::ops::rms_norm(&x, &w, 1e-5).unwrap();
+            assert_eq!(rms_rows(&values(&x), &values(&w), 1e-5), values(&want));
+        }
+    }
+
+    /// Both rotations are candle's, bit for bit, over several heads, and a partial rotation
+    /// leaves the tail of each head alone.
+    #[test]
+    fn rotations_are_candles() {
+        let dev = Device::Cpu;
+        let (heads, hd) = (3usize, 16usize);
+        let x = Tensor::randn(0f32, 1.0, (1, heads, 1, hd), &dev).unwrap();
+        let cos = Tensor::randn(0f32, 1.0, (1, hd / 2), &dev).unwrap();
+        let sin = Tensor::randn(0f32, 1.0, (1, hd / 2), &dev).unwrap();
+        for (style, want) in [
+            (
+                RopeStyle::Interleaved,
+                candle_nn::rotary_emb::rope_i(&x, &cos, &sin).unwrap(),
+            ),
+            (
+                RopeStyle::Neox,
+                candle_nn::rotary_emb::rope(&x, &cos, &sin).unwrap(),
+            ),
+        ] {
+            let mut got = values(&x);
+            rotate(&mut got, hd, hd, style, &values(&cos), &values(&sin));
+            assert_eq!(got, values(&want), "{style:?}");
+        }
+        let mut got = values(&x);
+        let (c, s) = (values(&cos), values(&sin));
+        rotate(&mut got, hd, 8, RopeStyle::Neox, &c[..4], &s[..4]);
+        let orig = values(&x);
+        for h in 0..heads {
+            assert_eq!(
+                got[h * hd + 8..(h + 1) * hd],
+                orig[h * hd + 8..(h + 1) * hd]
+            );
+        }
+    }
+}
