@@ -108,6 +108,9 @@ fn rotate(x: &mut [f32], head_dim: usize, dims: usize, style: RopeStyle, cos: &[
     }
 }
 
+/// A sequence's rope cosines and sines for one base.
+type Rope = (Vec<f32>, Vec<f32>);
+
 /// Unpack a fixed number of results.
 fn parts<const N: usize>(v: Vec<Vec<f32>>) -> Result<[Vec<f32>; N], ModelError> {
     v.try_into()
@@ -141,7 +144,7 @@ impl Transformer {
         }
         let mut x = super::f32_values(&x)?;
         // Rope tables per base and sequence, built once per step.
-        let mut ropes: Vec<(f32, Vec<(Vec<f32>, Vec<f32>)>)> = Vec::new();
+        let mut ropes: Vec<(f32, Vec<Rope>)> = Vec::new();
         for layer in &self.layers {
             if ropes.iter().all(|(b, _)| *b != layer.rope_base) {
                 let tables = caches
