@@ -24,6 +24,7 @@
 #![allow(unsafe_code)]
 
 mod acts;
+mod kquant;
 pub mod packed;
 mod q4_1;
 mod q5_0;

@@ -145,6 +145,12 @@ impl Packed {
             GgmlDType::Q4_1 => Kind::Q4_1,
             GgmlDType::Q5_0 => Kind::Q5_0,
             GgmlDType::Q8_0 => Kind::Q8_0,
+            GgmlDType::Q4K if available() && w.device().is_cpu() => {
+                return match super::kquant::q4k_as_q4_1(w)? {
+                    Some(q) => Self::new(&q),
+                    None => Ok(None),
+                };
+            }
             _ => return Ok(None),
         };
         if !available() || !w.device().is_cpu() {
