@@ -189,6 +189,9 @@ struct Sequence<'t> {
     started: Instant,
     first_token: Option<Instant>,
     last_token: Option<Instant>,
+    /// The closing event, held until the sequence's counters and cache are recorded, so that a
+    /// client who has the whole answer also sees it in the metrics and the prefix cache.
+    done: Option<Finished>,
 }
 
 enum Step {
@@ -264,6 +267,7 @@ fn serve(
                         started: Instant::now(),
                         first_token: None,
                         last_token: None,
+                        done: None,
                         events,
                         request,
                     });
@@ -345,6 +349,10 @@ fn serve(
                 .generated_tokens
                 .fetch_add(seq.generated as u64, Ordering::Relaxed);
             stats.pending.fetch_sub(1, Ordering::Relaxed);
+            if let Some(done) = seq.done.take() {
+                // The client may be gone already; the sequence is finished regardless.
+                let _ = seq.events.send(Event::Done(done));
+            }
             false
         });
         stats.active.store(active.len(), Ordering::Relaxed);
@@ -537,7 +545,7 @@ fn finish(seq: &mut Sequence<'_>, reason: FinishReason) -> Result<Step, EngineEr
         prompt_time: first.duration_since(seq.started),
         generation_time: first.elapsed(),
     };
-    // The client may be gone already; the sequence is finished regardless.
-    let _ = seq.events.send(Event::Done(done));
+    // Sent once the sequence's counters and cache are recorded (see `serve`).
+    seq.done = Some(done);
     Ok(Step::Finished(reason))
 }

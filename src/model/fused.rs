@@ -18,7 +18,7 @@ use super::{f32_values as values, par_fill};
 /// `e^x`, as a polynomial on `x - n ln 2` scaled by `2^n` (Cephes' coefficients); exactly 0
 /// below -87.3 (so a masked score of -inf gives 0), and large but finite (about 2e38) above 88.3.
 #[inline(always)]
-pub(super) fn exp(x: f32) -> f32 {
+pub(crate) fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;

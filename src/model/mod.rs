@@ -24,6 +24,7 @@ use crate::gguf::{Architecture, GgufError, GgufFile, ModelSpec};
 
 pub use cache::KvCache;
 pub use device::{select_device, DeviceChoice};
+pub(crate) use fused::exp as fast_exp;
 pub use linear::DENSE_MIN_ROWS;
 pub use transformer::{Activation, Config, RopeStyle, TensorSource, Transformer};
 

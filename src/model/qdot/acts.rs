@@ -16,6 +16,28 @@ use super::BLOCK;
 /// Rows from which the work is shared out over the pool.
 const POOL_ROWS: usize = 4;
 
+/// What the activations carry besides their bytes and scales, for the weights' format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Acts {
+    /// Q8_1: each block's scaled sum (for Q4_1 weights' minimums).
+    Q8_1,
+    /// Q8_0 with each block's sum of quants times the weights' offset (Q5_0: 16, Q8_0: 128).
+    Sums(i32),
+    /// Q8_0 with the sums of each half block times the offset (Q6_K: a scale per 16 values).
+    HalfSums(i32),
+}
+
+impl Acts {
+    /// Sums per block.
+    pub(super) const fn sums_per_block(self) -> usize {
+        match self {
+            Self::Q8_1 => 0,
+            Self::Sums(_) => 1,
+            Self::HalfSums(_) => 2,
+        }
+    }
+}
+
 pub(super) struct Quantized {
     /// `[row][value]`, as signed bytes.
     pub q: Vec<u8>,
@@ -23,7 +45,8 @@ pub(super) struct Quantized {
     pub d: Vec<f32>,
     /// Q8_1 only: `[row][block]`.
     pub s: Vec<f32>,
-    /// Q8_0 only: `[row][block]`, the offset times the sum of the block's bytes.
+    /// Q8_0 only: `[row][block]` (`[row][block][half]` for half sums), the offset times the
+    /// sum of the block's (half block's) bytes.
     pub sums: Vec<i32>,
 }
 
@@ -77,18 +100,13 @@ pub(super) fn quantize(
     x: &Tensor,
     rows: usize,
     k: usize,
-    offset: Option<i32>,
+    acts: Acts,
 ) -> candle_core::Result<Arc<Quantized>> {
-    super::super::per_input(x, offset, || quantize_now(x, rows, k, offset))
+    super::super::per_input(x, acts, || quantize_now(x, rows, k, acts))
 }
 
-fn quantize_now(
-    x: &Tensor,
-    rows: usize,
-    k: usize,
-    offset: Option<i32>,
-) -> candle_core::Result<Quantized> {
-    quantize_values(&super::super::f32_values(x)?, rows, k, offset)
+fn quantize_now(x: &Tensor, rows: usize, k: usize, acts: Acts) -> candle_core::Result<Quantized> {
+    quantize_values(&super::super::f32_values(x)?, rows, k, acts)
 }
 
 /// [`quantize`] for values already at hand (no cache: the caller quantizes each input once).
@@ -99,7 +117,7 @@ pub(super) fn quantize_values(
     values: &[f32],
     rows: usize,
     k: usize,
-    offset: Option<i32>,
+    acts: Acts,
 ) -> candle_core::Result<Quantized> {
     if values.len() != rows * k || !k.is_multiple_of(BLOCK) {
         candle_core::bail!(
@@ -111,13 +129,14 @@ pub(super) fn quantize_values(
     let mut out = Quantized {
         q: vec![0; rows * k],
         d: vec![0.0; rows * blocks],
-        s: vec![0.0; if offset.is_some() { 0 } else { rows * blocks }],
-        sums: vec![0; if offset.is_some() { rows * blocks } else { 0 }],
+        s: vec![0.0; if acts == Acts::Q8_1 { rows * blocks } else { 0 }],
+        sums: vec![0; rows * blocks * acts.sums_per_block()],
     };
+    let per = acts.sums_per_block().max(1);
     {
         // Per row: its bytes, scales and sums, each behind a lock of its own (never contended).
         let second: Vec<&mut [f32]> = out.s.chunks_mut(blocks).collect();
-        let sums: Vec<&mut [i32]> = out.sums.chunks_mut(blocks).collect();
+        let sums: Vec<&mut [i32]> = out.sums.chunks_mut(blocks * per).collect();
         let mut second = second.into_iter();
         let mut sums = sums.into_iter();
         type Slot<'a> = (
@@ -145,8 +164,17 @@ pub(super) fn quantize_values(
                 if let Some(s) = s {
                     s[b] = sh.to_f32();
                 }
-                if let Some(sums) = sums {
-                    sums[b] = offset.unwrap_or(0) * sum;
+                match (acts, sums.as_deref_mut()) {
+                    (Acts::Sums(offset), Some(sums)) => sums[b] = offset * sum,
+                    (Acts::HalfSums(offset), Some(sums)) => {
+                        let first: i32 = q[b * BLOCK..b * BLOCK + BLOCK / 2]
+                            .iter()
+                            .map(|&v| i32::from(v as i8))
+                            .sum();
+                        sums[2 * b] = offset * first;
+                        sums[2 * b + 1] = offset * (sum - first);
+                    }
+                    _ => {}
                 }
             }
         };

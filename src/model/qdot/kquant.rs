@@ -3,7 +3,7 @@
 //! A Q4_K super-block holds 256 four-bit values in eight sub-blocks of 32; sub-block `j`'s
 //! value is `d * sc_j * q - dmin * m_j`, with f16 `d`, `dmin` and six-bit `sc_j`, `m_j`. That is
 //! a Q4_1 block per sub-block (`d' * q + m'`) with `d' = d * sc_j` and `m' = -dmin * m_j`,
-//! rounded to f16: the same nibbles, and scales within half an f16 ulp (2^-12 relative) of the
+//! rounded to f16: the same nibbles, and scales within half an f16 ulp (2^-11 relative) of the
 //! exact products, far below the four-bit rounding of the weights themselves. The rewrite takes
 //! 20 bytes per 32 values instead of 18. Q4_K_M files keep most of their attention output and
 //! half their MLP down projections in Q4_K, which otherwise went through candle's kernels one

@@ -22,6 +22,7 @@ use std::sync::Mutex;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 
+use super::acts::Acts;
 use super::BLOCK;
 
 /// Weight rows per group (lanes of a 512-bit vector of i32).
@@ -30,6 +31,10 @@ pub(super) const ROWS: usize = 16;
 const TILE: usize = 4;
 /// Activation rows from which the work is shared out by rows instead of by weight groups.
 const PROMPT_ROWS: usize = 32;
+
+/// Values and bytes of a Q6_K super-block (`ql`, `qh`, sixteen i8 scales, f16 `d`).
+const Q6K_VALUES: usize = 256;
+const Q6K_BYTES: usize = 210;
 
 /// 64 bytes, aligned for whole-vector loads.
 #[repr(C, align(64))]
@@ -65,6 +70,8 @@ pub(super) enum Kind {
     Q4_1,
     Q5_0,
     Q8_0,
+    /// Q6_K's six-bit values as nibbles and two bit masks, with a scale per 16 values.
+    Q6K,
 }
 
 impl Kind {
@@ -74,15 +81,34 @@ impl Kind {
             Self::Q4_1 => 0,
             Self::Q5_0 => 1,
             Self::Q8_0 => 2,
+            Self::Q6K => 3,
         }
     }
 
-    /// Bytes of a block in the file.
+    /// Bytes of a block (Q6_K: of a 256-value super-block) in the file.
     fn w_bytes(self) -> usize {
         match self {
             Self::Q4_1 => 20,
             Self::Q5_0 => 22,
             Self::Q8_0 => 34,
+            Self::Q6K => Q6K_BYTES,
+        }
+    }
+
+    /// Values per block in the file.
+    fn file_block(self) -> usize {
+        match self {
+            Self::Q6K => Q6K_VALUES,
+            _ => BLOCK,
+        }
+    }
+
+    /// Bit masks per group and block: Q5_0's fifth bits, Q6_K's fifth and sixth.
+    pub(super) const fn masks(self) -> usize {
+        match self {
+            Self::Q5_0 => 8,
+            Self::Q6K => 16,
+            _ => 0,
         }
     }
 
@@ -94,10 +120,11 @@ impl Kind {
         }
     }
 
-    /// f16 values per group and block: the sixteen scales, and Q4_1's sixteen minimums.
+    /// f16 values per group and block: the sixteen scales, and Q4_1's sixteen minimums (Q6_K:
+    /// sixteen scales of each half block).
     pub(super) const fn scales(self) -> usize {
         match self {
-            Self::Q4_1 => 2 * ROWS,
+            Self::Q4_1 | Self::Q6K => 2 * ROWS,
             _ => ROWS,
         }
     }
@@ -105,11 +132,12 @@ impl Kind {
     /// What the stored weights have added to be unsigned; the activations then carry this
     /// times their block sums. Q4_1's are unsigned already (its activations, Q8_1, carry
     /// their scaled sum for the minimum instead).
-    fn offset(self) -> Option<i32> {
+    fn acts(self) -> Acts {
         match self {
-            Self::Q4_1 => None,
-            Self::Q5_0 => Some(16),
-            Self::Q8_0 => Some(128),
+            Self::Q4_1 => Acts::Q8_1,
+            Self::Q5_0 => Acts::Sums(16),
+            Self::Q8_0 => Acts::Sums(128),
+            Self::Q6K => Acts::HalfSums(32),
         }
     }
 }
@@ -129,6 +157,63 @@ pub struct Packed {
     high: Vec<u64>,
 }
 
+/// One row of Q6_K super-blocks into lane `lane` of a group: per 32-value block, the values'
+/// low four bits as nibbles (as Q4_1's), their fifth and sixth bits as masks (as Q5_0's fifth,
+/// bits 4 and 5 at `[block][t]` and `[block][8 + t]`), and the two half blocks' scales
+/// `d * sc` rounded to f16 (within 2^-11 of the product, relative).
+fn pack_q6k_row(
+    row: &[u8],
+    lane: usize,
+    quants: &mut [Chunk],
+    scales: &mut [u16],
+    high: &mut [u64],
+) {
+    let per_block = Kind::Q6K.scales();
+    for (sb, block) in row.chunks_exact(Q6K_BYTES).enumerate() {
+        let (ql, qh) = (&block[..128], &block[128..192]);
+        let sc = &block[192..208];
+        let d = half::f16::from_bits(u16::from_le_bytes([block[208], block[209]])).to_f32();
+        // ggml's layout: two halves of 128 values, each from 64 bytes of low bits and 32 of
+        // high bits.
+        let mut q = [0u8; Q6K_VALUES];
+        for half in 0..2 {
+            let (ql, qh) = (
+                &ql[64 * half..64 * half + 64],
+                &qh[32 * half..32 * half + 32],
+            );
+            for l in 0..32 {
+                let at = 128 * half + l;
+                q[at] = (ql[l] & 0x0F) | ((qh[l] & 3) << 4);
+                q[at + 32] = (ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4);
+                q[at + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
+                q[at + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
+            }
+        }
+        for j in 0..Q6K_VALUES / BLOCK {
+            let b = sb * (Q6K_VALUES / BLOCK) + j;
+            let v = &q[BLOCK * j..BLOCK * (j + 1)];
+            for p in 0..4 {
+                for i in 0..4 {
+                    let lo = v[4 * p + i] & 0x0F;
+                    let hi = v[16 + 4 * p + i] & 0x0F;
+                    quants[b * 4 + p].0[lane * 4 + i] = lo | (hi << 4);
+                }
+            }
+            for t in 0..8 {
+                for i in 0..4 {
+                    let x = u64::from(v[4 * t + i]);
+                    high[b * 16 + t] |= ((x >> 4) & 1) << (4 * lane + i);
+                    high[b * 16 + 8 + t] |= ((x >> 5) & 1) << (4 * lane + i);
+                }
+            }
+            for h in 0..2 {
+                let scale = f32::from(sc[2 * j + h] as i8) * d;
+                scales[b * per_block + h * ROWS + lane] = half::f16::from_f32(scale).to_bits();
+            }
+        }
+    }
+}
+
 /// Whether this CPU runs the packed kernel (checked once).
 pub fn available() -> bool {
     super::cpu_has!("avx512f", "avx512bw", "avx512vnni")
@@ -145,6 +230,7 @@ impl Packed {
             GgmlDType::Q4_1 => Kind::Q4_1,
             GgmlDType::Q5_0 => Kind::Q5_0,
             GgmlDType::Q8_0 => Kind::Q8_0,
+            GgmlDType::Q6K => Kind::Q6K,
             GgmlDType::Q4K if available() && w.device().is_cpu() => {
                 return match super::kquant::q4k_as_q4_1(w)? {
                     Some(q) => Self::new(&q),
@@ -160,26 +246,21 @@ impl Packed {
         let w_bytes = kind.w_bytes();
         let blocks = k / BLOCK;
         let data = w.data()?;
-        if n == 0 || k % BLOCK != 0 || data.len() != n * blocks * w_bytes {
+        let file_blocks = k / kind.file_block();
+        if n == 0 || k % kind.file_block() != 0 || data.len() != n * file_blocks * w_bytes {
             return Ok(None);
         }
         let groups = n.div_ceil(ROWS);
         let (chunks, per_block) = (kind.chunks(), kind.scales());
         let mut quants = vec![Chunk([0; 64]); groups * blocks * chunks];
         let mut scales = vec![0u16; groups * blocks * per_block];
-        let mut high = vec![
-            0u64;
-            if kind == Kind::Q5_0 {
-                groups * blocks * 8
-            } else {
-                0
-            }
-        ];
+        let masks = kind.masks();
+        let mut high = vec![0u64; groups * blocks * masks];
         {
             // Each group's share of the three arrays, filled on the worker pool (a vocabulary
             // of 262,144 rows is 16,384 groups).
-            let hs: Vec<&mut [u64]> = if kind == Kind::Q5_0 {
-                high.chunks_mut(blocks * 8).collect()
+            let hs: Vec<&mut [u64]> = if masks > 0 {
+                high.chunks_mut(blocks * masks).collect()
             } else {
                 Vec::new()
             };
@@ -192,6 +273,14 @@ impl Packed {
                 .collect();
             let fill = |g: usize, (quants, scales, high): &mut Slot<'_>| {
                 for (lane, row) in (g * ROWS..n.min((g + 1) * ROWS)).enumerate() {
+                    if kind == Kind::Q6K {
+                        let row =
+                            &data[row * file_blocks * w_bytes..(row + 1) * file_blocks * w_bytes];
+                        if let Some(high) = high.as_deref_mut() {
+                            pack_q6k_row(row, lane, quants, scales, high);
+                        }
+                        continue;
+                    }
                     for b in 0..blocks {
                         let at = (row * blocks + b) * w_bytes;
                         let block = &data[at..at + w_bytes];
@@ -200,6 +289,8 @@ impl Packed {
                             Kind::Q4_1 => &block[4..20],
                             Kind::Q5_0 => &block[6..22],
                             Kind::Q8_0 => &block[2..34],
+                            // Packed above, super-block by super-block.
+                            Kind::Q6K => continue,
                         };
                         // Signed Q8_0 bytes to unsigned: plus 128, four at a time.
                         let flip = if kind == Kind::Q8_0 {
@@ -289,6 +380,19 @@ impl Packed {
                             let fifth = (self.high[gb * 8 + v / 4] >> (4 * lane + v % 4)) & 1;
                             f32::from((q | (fifth as u8) << 4) as i8 - 16) * d
                         }
+                        Kind::Q6K => {
+                            let q = if v < 16 {
+                                byte(v) & 0x0F
+                            } else {
+                                byte(v - 16) >> 4
+                            };
+                            let bit = |m: usize| {
+                                ((self.high[gb * 16 + m + v / 4] >> (4 * lane + v % 4)) & 1) as u8
+                            };
+                            let q = q | bit(0) << 4 | bit(8) << 5;
+                            let d = if v < 16 { d } else { half(ROWS + lane) };
+                            f32::from(q as i8 - 32) * d
+                        }
                     };
                 }
             }
@@ -326,7 +430,7 @@ impl Packed {
             candle_core::bail!("packed matmul: input is {width} wide, weights {k}");
         }
         let m = x.elem_count() / k;
-        let xq = super::acts::quantize(x, m, k, kind.offset())?;
+        let xq = super::acts::quantize(x, m, k, kind.acts())?;
         let ys = Self::matmul_quantized(mats, &xq, m);
         let mut out = Vec::with_capacity(mats.len());
         for (p, y) in mats.iter().zip(ys) {
@@ -350,7 +454,7 @@ impl Packed {
         m: usize,
     ) -> candle_core::Result<Vec<Vec<f32>>> {
         let (k, kind) = Self::common(mats)?;
-        let xq = super::acts::quantize_values(x, m, k, kind.offset())?;
+        let xq = super::acts::quantize_values(x, m, k, kind.acts())?;
         Ok(Self::matmul_quantized(mats, &xq, m))
     }
 
@@ -368,6 +472,7 @@ impl Packed {
     /// The matrices against `m` quantized rows (of the width and format checked by the caller).
     fn matmul_quantized(mats: &[&Self], xq: &super::acts::Quantized, m: usize) -> Vec<Vec<f32>> {
         let (k, blocks) = (mats[0].k, mats[0].blocks);
+        let per_block_sums = mats[0].kind.acts().sums_per_block();
         let row = |r: usize| {
             let span = r * blocks..(r + 1) * blocks;
             Row {
@@ -381,7 +486,7 @@ impl Packed {
                 sums: if xq.sums.is_empty() {
                     &[]
                 } else {
-                    &xq.sums[span]
+                    &xq.sums[span.start * per_block_sums..span.end * per_block_sums]
                 },
             }
         };
@@ -481,10 +586,9 @@ impl Packed {
         Group {
             quants: &self.quants[g * blocks * chunks..(g + 1) * blocks * chunks],
             scales: &self.scales[g * blocks * per_block..(g + 1) * blocks * per_block],
-            high: if self.kind == Kind::Q5_0 {
-                &self.high[g * blocks * 8..(g + 1) * blocks * 8]
-            } else {
-                &[]
+            high: {
+                let masks = self.kind.masks();
+                &self.high[g * blocks * masks..(g + 1) * blocks * masks]
             },
             blocks,
         }
@@ -494,14 +598,14 @@ impl Packed {
     fn tile<const C: usize>(&self, g: Group<'_>, rows: [Row<'_>; C]) -> [[f32; ROWS]; C] {
         let (b, kind) = (g.blocks, self.kind);
         assert!(g.quants.len() == b * kind.chunks() && g.scales.len() == b * kind.scales());
-        assert!(kind != Kind::Q5_0 || g.high.len() == b * 8);
+        assert!(g.high.len() == b * kind.masks());
         assert!(rows.iter().all(|r| r.bytes.len() == b * BLOCK
             && r.d.len() == b
             && (if kind == Kind::Q4_1 {
                 r.s.len()
             } else {
                 r.sums.len()
-            }) == b));
+            }) == b * kind.acts().sums_per_block().max(1)));
         assert!(available());
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `available()` checked AVX-512 F, BW and VNNI (a `Packed` exists only then);
@@ -510,10 +614,12 @@ impl Packed {
             const Q4_1: u8 = Kind::Q4_1.code();
             const Q5_0: u8 = Kind::Q5_0.code();
             const Q8_0: u8 = Kind::Q8_0.code();
+            const Q6K: u8 = Kind::Q6K.code();
             match kind {
                 Kind::Q4_1 => super::vnni::tile::<C, Q4_1>(g, rows),
                 Kind::Q5_0 => super::vnni::tile::<C, Q5_0>(g, rows),
                 Kind::Q8_0 => super::vnni::tile::<C, Q8_0>(g, rows),
+                Kind::Q6K => super::vnni::tile::<C, Q6K>(g, rows),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -637,6 +743,77 @@ mod tests {
         assert!(Packed::matmul_many(&[], &x).is_err());
     }
 
+    /// Q6_K: rows read back are candle's dequantized rows within the f16 rounding of the half
+    /// blocks' scales, and products are those rows against the Q8_0-rounded activations, to
+    /// float rounding, for decode and prompt row counts.
+    #[test]
+    fn q6k_matches_its_dequantized_weights() {
+        let dev = Device::Cpu;
+        let (n, k) = (40usize, 512usize);
+        let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+        let q = QTensor::quantize(&w, GgmlDType::Q6K).unwrap();
+        let Some(packed) = Packed::new(&q).unwrap() else {
+            assert!(!available());
+            return;
+        };
+        let ids: Vec<u32> = (0..n as u32).collect();
+        let rows: Vec<f32> = packed
+            .rows(&ids)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let want: Vec<f32> = q
+            .dequantize(&dev)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for (a, b) in rows.iter().zip(&want) {
+            assert!((a - b).abs() <= 5e-4 * b.abs() + 1e-7, "{a} vs {b}");
+        }
+        for m in [1usize, 3, 8, 37] {
+            let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+            let xq = QTensor::quantize(&x, GgmlDType::Q8_0).unwrap();
+            let xs: Vec<f32> = xq
+                .dequantize(&dev)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let got: Vec<f32> = packed
+                .matmul(&x)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for r in 0..m {
+                for j in 0..n {
+                    let (wr, xr) = (&rows[j * k..(j + 1) * k], &xs[r * k..(r + 1) * k]);
+                    let exact: f64 = wr
+                        .iter()
+                        .zip(xr)
+                        .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                        .sum();
+                    let size: f64 = wr
+                        .iter()
+                        .zip(xr)
+                        .map(|(&a, &b)| f64::from((a * b).abs()))
+                        .sum();
+                    let g = f64::from(got[r * n + j]);
+                    assert!(
+                        (g - exact).abs() <= 1e-5 * size,
+                        "{m} rows, [{r}, {j}]: {g} vs {exact}"
+                    );
+                }
+            }
+        }
+    }
+
     /// Rows read back from the packed copy are candle's dequantized rows, exactly.
     #[test]
     fn rows_are_candles_dequantized_rows() {
@@ -671,12 +848,12 @@ mod tests {
     fn other_types_and_wrong_widths_are_refused() {
         let dev = Device::Cpu;
         let w = Tensor::randn(0f32, 1.0, (16, 64), &dev).unwrap();
-        let q6 = QTensor::quantize(
+        let q5k = QTensor::quantize(
             &Tensor::randn(0f32, 1.0, (16, 256), &dev).unwrap(),
-            GgmlDType::Q6K,
+            GgmlDType::Q5K,
         )
         .unwrap();
-        assert!(Packed::new(&q6).unwrap().is_none());
+        assert!(Packed::new(&q5k).unwrap().is_none());
         let q = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
         if let Some(p) = Packed::new(&q).unwrap() {
             let x = Tensor::randn(0f32, 1.0, (2, 96), &dev).unwrap();

@@ -33,14 +33,17 @@ pub(super) unsafe fn tile<const C: usize, const K: u8>(
     const Q4_1: u8 = Kind::Q4_1.code();
     const Q5_0: u8 = Kind::Q5_0.code();
     const Q8_0: u8 = Kind::Q8_0.code();
+    const Q6K: u8 = Kind::Q6K.code();
     let kind = match K {
         Q4_1 => Kind::Q4_1,
         Q5_0 => Kind::Q5_0,
+        Q6K => Kind::Q6K,
         _ => Kind::Q8_0,
     };
     let (chunks, per_block) = (kind.chunks(), kind.scales());
     let low = _mm512_set1_epi8(0x0F);
     let sixteen = _mm512_set1_epi8(16);
+    let thirty_two = _mm512_set1_epi8(32);
     let mut acc = [_mm512_setzero_ps(); C];
     for b in 0..g.blocks {
         // Word t of every lane: values 4t..4t+4 of that lane's row. Nibble chunk p holds words
@@ -69,9 +72,17 @@ pub(super) unsafe fn tile<const C: usize, const K: u8>(
                 *wt = _mm512_mask_add_epi8(*wt, h.add(t).read(), *wt, sixteen);
             }
         }
+        if K == Q6K {
+            let h = g.high.as_ptr().add(b * 16);
+            for (t, wt) in w.iter_mut().enumerate() {
+                *wt = _mm512_mask_add_epi8(*wt, h.add(t).read(), *wt, sixteen);
+                *wt = _mm512_mask_add_epi8(*wt, h.add(8 + t).read(), *wt, thirty_two);
+            }
+        }
         let sc = g.scales.as_ptr().add(b * per_block);
         let dw = _mm512_cvtph_ps(_mm256_loadu_si256(sc.cast()));
-        let mw = if K == Q4_1 {
+        // Q4_1's minimums, or Q6_K's second half block's scales.
+        let mw = if K == Q4_1 || K == Q6K {
             _mm512_cvtph_ps(_mm256_loadu_si256(sc.add(ROWS).cast()))
         } else {
             _mm512_setzero_ps()
@@ -80,6 +91,27 @@ pub(super) unsafe fn tile<const C: usize, const K: u8>(
             let r = rows[c];
             let x = r.bytes.as_ptr().add(b * BLOCK);
             let word = |t: usize| _mm512_set1_epi32(x.add(4 * t).cast::<i32>().read_unaligned());
+            if K == Q6K {
+                // Words 0..4 are the first half block, 4..8 the second: a sum and a scale each.
+                let half = |t: usize| {
+                    let a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[t], word(t));
+                    let b = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[t + 1], word(t + 1));
+                    let a = _mm512_dpbusd_epi32(a, w[t + 2], word(t + 2));
+                    let b = _mm512_dpbusd_epi32(b, w[t + 3], word(t + 3));
+                    _mm512_add_epi32(a, b)
+                };
+                let s0 = _mm512_sub_epi32(half(0), _mm512_set1_epi32(*r.sums.get_unchecked(2 * b)));
+                let s1 =
+                    _mm512_sub_epi32(half(4), _mm512_set1_epi32(*r.sums.get_unchecked(2 * b + 1)));
+                let dx = _mm512_set1_ps(*r.d.get_unchecked(b));
+                let f = _mm512_fmadd_ps(
+                    _mm512_cvtepi32_ps(s1),
+                    mw,
+                    _mm512_mul_ps(_mm512_cvtepi32_ps(s0), dw),
+                );
+                acc[c] = _mm512_fmadd_ps(f, dx, acc[c]);
+                continue;
+            }
             // Two chains of four, so that one product need not wait for the last.
             let mut s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], word(0));
             let mut s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[1], word(1));
