@@ -1,4 +1,4 @@
-//! Q4_K weights rewritten as Q4_1, so that the packed VNNI kernel runs them.
+//! Q4_K and Q5_K weights rewritten as Q4_1 and Q5_1, so that the packed VNNI kernel runs them.
 //!
 //! A Q4_K super-block holds 256 four-bit values in eight sub-blocks of 32; sub-block `j`'s
 //! value is `d * sc_j * q - dmin * m_j`, with f16 `d`, `dmin` and six-bit `sc_j`, `m_j`. That is
@@ -7,7 +7,8 @@
 //! exact products, far below the four-bit rounding of the weights themselves. The rewrite takes
 //! 20 bytes per 32 values instead of 18. Q4_K_M files keep most of their attention output and
 //! half their MLP down projections in Q4_K, which otherwise went through candle's kernels one
-//! row at a time and, for prompts, through a dense copy dequantized on every call.
+//! row at a time and, for prompts, through a dense copy dequantized on every call. Q5_K is the
+//! same with a fifth bit per value (Q5_1: 24 bytes per 32 values instead of 22).
 
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
 
@@ -19,6 +20,11 @@ const SUPER: usize = 256;
 const Q4K_BYTES: usize = 144;
 /// Bytes of a Q4_1 block: `d`, `m`, 16 bytes of nibbles.
 const Q4_1_BYTES: usize = 20;
+/// Bytes of a Q5_K super-block: `d`, `dmin`, 12 bytes of scales and mins, 32 of fifth bits,
+/// 128 of nibbles.
+const Q5K_BYTES: usize = 176;
+/// Bytes of a Q5_1 block: `d`, `m`, 4 bytes of fifth bits, 16 bytes of nibbles.
+const Q5_1_BYTES: usize = 24;
 
 /// Sub-block `j`'s six-bit scale and min (ggml's `get_scale_min_k4`).
 fn scale_min(j: usize, s: &[u8]) -> (u8, u8) {
@@ -36,11 +42,18 @@ fn f16(bytes: &[u8]) -> f32 {
     half::f16::from_bits(u16::from_le_bytes([bytes[0], bytes[1]])).to_f32()
 }
 
-/// One Q4_K super-block as eight Q4_1 blocks, or `None` when a scale overflows f16.
-fn super_block(src: &[u8], out: &mut [u8]) -> Option<()> {
+/// One Q4_K super-block as eight Q4_1 blocks (or Q5_K as eight Q5_1 blocks, `fifth` set), or
+/// `None` when a scale overflows f16.
+fn super_block(src: &[u8], out: &mut [u8], fifth: bool) -> Option<()> {
     let (d, dmin) = (f16(&src[0..2]), f16(&src[2..4]));
-    let (scales, qs) = (&src[4..16], &src[16..Q4K_BYTES]);
-    for (j, block) in out.chunks_exact_mut(Q4_1_BYTES).enumerate() {
+    let scales = &src[4..16];
+    let (qh, qs) = if fifth {
+        (&src[16..48], &src[48..Q5K_BYTES])
+    } else {
+        (&src[16..16], &src[16..Q4K_BYTES])
+    };
+    let size = if fifth { Q5_1_BYTES } else { Q4_1_BYTES };
+    for (j, block) in out.chunks_exact_mut(size).enumerate() {
         let (sc, m) = scale_min(j, scales);
         let scale = half::f16::from_f32(d * f32::from(sc));
         let min = half::f16::from_f32(-(dmin * f32::from(m)));
@@ -49,6 +62,14 @@ fn super_block(src: &[u8], out: &mut [u8]) -> Option<()> {
         }
         block[0..2].copy_from_slice(&scale.to_bits().to_le_bytes());
         block[2..4].copy_from_slice(&min.to_bits().to_le_bytes());
+        let block = if fifth {
+            // Sub-block j's fifth bits are bit j of the 32 bytes of `qh`.
+            let bits = (0..BLOCK).fold(0u32, |a, l| a | u32::from((qh[l] >> j) & 1) << l);
+            block[4..8].copy_from_slice(&bits.to_le_bytes());
+            &mut block[4..]
+        } else {
+            block
+        };
         // Sub-blocks 2c and 2c + 1 are the low and high nibbles of bytes 32c..32c + 32.
         let bytes = &qs[32 * (j / 2)..32 * (j / 2) + 32];
         let nibble = |v: usize| {
@@ -65,35 +86,50 @@ fn super_block(src: &[u8], out: &mut [u8]) -> Option<()> {
     Some(())
 }
 
+/// `w` (Q5_K, on the CPU) as a Q5_1 tensor of the same shape, or `None` for other formats or
+/// scales that do not fit f16.
+///
+/// # Errors
+/// A candle failure reading `w` or building the result.
+pub(super) fn q5k_as_q5_1(w: &QTensor) -> candle_core::Result<Option<QTensor>> {
+    rewrite(w, GgmlDType::Q5K, Q5K_BYTES, GgmlDType::Q5_1, Q5_1_BYTES)
+}
+
+/// `w` of format `from` (super-blocks of `from_bytes`) as format `to` (blocks of `to_bytes`).
+fn rewrite(
+    w: &QTensor,
+    from: GgmlDType,
+    from_bytes: usize,
+    to: GgmlDType,
+    to_bytes: usize,
+) -> candle_core::Result<Option<QTensor>> {
+    if w.dtype() != from {
+        return Ok(None);
+    }
+    let (n, k) = w.shape().dims2()?;
+    let data = w.data()?;
+    if k % SUPER != 0 || data.len() != n * (k / SUPER) * from_bytes {
+        return Ok(None);
+    }
+    let mut out = vec![0u8; data.len() / from_bytes * 8 * to_bytes];
+    for (src, dst) in data
+        .chunks_exact(from_bytes)
+        .zip(out.chunks_exact_mut(8 * to_bytes))
+    {
+        if super_block(src, dst, from == GgmlDType::Q5K).is_none() {
+            return Ok(None);
+        }
+    }
+    Ok(Some(qtensor_from_ggml(to, &out, vec![n, k], &w.device())?))
+}
+
 /// `w` (Q4_K, on the CPU) as a Q4_1 tensor of the same shape, or `None` for other formats or
 /// scales that do not fit f16.
 ///
 /// # Errors
 /// A candle failure reading `w` or building the result.
 pub(super) fn q4k_as_q4_1(w: &QTensor) -> candle_core::Result<Option<QTensor>> {
-    if w.dtype() != GgmlDType::Q4K {
-        return Ok(None);
-    }
-    let (n, k) = w.shape().dims2()?;
-    let data = w.data()?;
-    if k % SUPER != 0 || data.len() != n * (k / SUPER) * Q4K_BYTES {
-        return Ok(None);
-    }
-    let mut out = vec![0u8; data.len() / Q4K_BYTES * 8 * Q4_1_BYTES];
-    for (src, dst) in data
-        .chunks_exact(Q4K_BYTES)
-        .zip(out.chunks_exact_mut(8 * Q4_1_BYTES))
-    {
-        if super_block(src, dst).is_none() {
-            return Ok(None);
-        }
-    }
-    Ok(Some(qtensor_from_ggml(
-        GgmlDType::Q4_1,
-        &out,
-        vec![n, k],
-        &w.device(),
-    )?))
+    rewrite(w, GgmlDType::Q4K, Q4K_BYTES, GgmlDType::Q4_1, Q4_1_BYTES)
 }
 
 #[cfg(test)]
@@ -106,19 +142,29 @@ mod tests {
     /// The rewritten matrix dequantizes to the Q4_K matrix's values within the f16 rounding of
     /// the scales, and has its shape.
     #[test]
-    fn q4_1_rewrite_holds_the_same_values() {
+    fn rewrites_hold_the_same_values() {
         let dev = Device::Cpu;
-        let w = Tensor::randn(0f32, 1.0, (37, 512), &dev).unwrap();
-        let q = QTensor::quantize(&w, GgmlDType::Q4K).unwrap();
-        let r = q4k_as_q4_1(&q).unwrap().unwrap();
-        assert_eq!(r.dtype(), GgmlDType::Q4_1);
-        assert_eq!(r.shape().dims(), &[37, 512]);
-        let a = q.dequantize(&dev).unwrap().flatten_all().unwrap();
-        let b = r.dequantize(&dev).unwrap().flatten_all().unwrap();
-        let (a, b) = (a.to_vec1::<f32>().unwrap(), b.to_vec1::<f32>().unwrap());
-        let range = a.iter().fold(0f32, |m, x| m.max(x.abs()));
-        for (x, y) in a.iter().zip(&b) {
-            assert!((x - y).abs() <= 2e-3 * range, "{x} vs {y}");
+        for (from, to) in [
+            (GgmlDType::Q4K, GgmlDType::Q4_1),
+            (GgmlDType::Q5K, GgmlDType::Q5_1),
+        ] {
+            let w = Tensor::randn(0f32, 1.0, (37, 512), &dev).unwrap();
+            let q = QTensor::quantize(&w, from).unwrap();
+            let r = match from {
+                GgmlDType::Q4K => q4k_as_q4_1(&q),
+                _ => q5k_as_q5_1(&q),
+            }
+            .unwrap()
+            .unwrap();
+            assert_eq!(r.dtype(), to);
+            assert_eq!(r.shape().dims(), &[37, 512]);
+            let a = q.dequantize(&dev).unwrap().flatten_all().unwrap();
+            let b = r.dequantize(&dev).unwrap().flatten_all().unwrap();
+            let (a, b) = (a.to_vec1::<f32>().unwrap(), b.to_vec1::<f32>().unwrap());
+            let range = a.iter().fold(0f32, |m, x| m.max(x.abs()));
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x - y).abs() <= 2e-3 * range, "{from:?}: {x} vs {y}");
+            }
         }
     }
 
@@ -131,5 +177,6 @@ mod tests {
         assert!(q4k_as_q4_1(&q).unwrap().is_none());
         let q = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
         assert!(q4k_as_q4_1(&q).unwrap().is_none());
+        assert!(q5k_as_q5_1(&q).unwrap().is_none());
     }
 }

@@ -70,6 +70,8 @@ pub(super) enum Kind {
     Q4_1,
     Q5_0,
     Q8_0,
+    Q4_0,
+    Q5_1,
     /// Q6_K's six-bit values as nibbles and two bit masks, with a scale per 16 values.
     Q6K,
 }
@@ -82,6 +84,8 @@ impl Kind {
             Self::Q5_0 => 1,
             Self::Q8_0 => 2,
             Self::Q6K => 3,
+            Self::Q4_0 => 4,
+            Self::Q5_1 => 5,
         }
     }
 
@@ -92,6 +96,8 @@ impl Kind {
             Self::Q5_0 => 22,
             Self::Q8_0 => 34,
             Self::Q6K => Q6K_BYTES,
+            Self::Q4_0 => 18,
+            Self::Q5_1 => 24,
         }
     }
 
@@ -106,7 +112,7 @@ impl Kind {
     /// Bit masks per group and block: Q5_0's fifth bits, Q6_K's fifth and sixth.
     pub(super) const fn masks(self) -> usize {
         match self {
-            Self::Q5_0 => 8,
+            Self::Q5_0 | Self::Q5_1 => 8,
             Self::Q6K => 16,
             _ => 0,
         }
@@ -124,7 +130,7 @@ impl Kind {
     /// sixteen scales of each half block).
     pub(super) const fn scales(self) -> usize {
         match self {
-            Self::Q4_1 | Self::Q6K => 2 * ROWS,
+            Self::Q4_1 | Self::Q5_1 | Self::Q6K => 2 * ROWS,
             _ => ROWS,
         }
     }
@@ -134,7 +140,8 @@ impl Kind {
     /// their scaled sum for the minimum instead).
     fn acts(self) -> Acts {
         match self {
-            Self::Q4_1 => Acts::Q8_1,
+            Self::Q4_1 | Self::Q5_1 => Acts::Q8_1,
+            Self::Q4_0 => Acts::Sums(8),
             Self::Q5_0 => Acts::Sums(16),
             Self::Q8_0 => Acts::Sums(128),
             Self::Q6K => Acts::HalfSums(32),
@@ -231,6 +238,14 @@ impl Packed {
             GgmlDType::Q5_0 => Kind::Q5_0,
             GgmlDType::Q8_0 => Kind::Q8_0,
             GgmlDType::Q6K => Kind::Q6K,
+            GgmlDType::Q4_0 => Kind::Q4_0,
+            GgmlDType::Q5_1 => Kind::Q5_1,
+            GgmlDType::Q5K if available() && w.device().is_cpu() => {
+                return match super::kquant::q5k_as_q5_1(w)? {
+                    Some(q) => Self::new(&q),
+                    None => Ok(None),
+                };
+            }
             GgmlDType::Q4K if available() && w.device().is_cpu() => {
                 return match super::kquant::q4k_as_q4_1(w)? {
                     Some(q) => Self::new(&q),
@@ -289,6 +304,8 @@ impl Packed {
                             Kind::Q4_1 => &block[4..20],
                             Kind::Q5_0 => &block[6..22],
                             Kind::Q8_0 => &block[2..34],
+                            Kind::Q4_0 => &block[2..18],
+                            Kind::Q5_1 => &block[8..24],
                             // Packed above, super-block by super-block.
                             Kind::Q6K => continue,
                         };
@@ -304,17 +321,25 @@ impl Packed {
                                 .copy_from_slice(&(w ^ flip).to_le_bytes());
                         }
                         scales[b * per_block + lane] = u16_at(0);
-                        match (kind, high.as_deref_mut()) {
-                            (Kind::Q5_0, Some(high)) => {
-                                let qh =
-                                    u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
-                                for t in 0..8 {
-                                    high[b * 8 + t] |=
-                                        u64::from((qh >> (4 * t)) & 0xF) << (4 * lane);
-                                }
+                        // Q5_0's and Q5_1's fifth bits, after the scales.
+                        let qh_at = match kind {
+                            Kind::Q5_0 => Some(2),
+                            Kind::Q5_1 => Some(4),
+                            _ => None,
+                        };
+                        if let (Some(i), Some(high)) = (qh_at, high.as_deref_mut()) {
+                            let qh = u32::from_le_bytes([
+                                block[i],
+                                block[i + 1],
+                                block[i + 2],
+                                block[i + 3],
+                            ]);
+                            for t in 0..8 {
+                                high[b * 8 + t] |= u64::from((qh >> (4 * t)) & 0xF) << (4 * lane);
                             }
-                            (Kind::Q4_1, _) => scales[b * per_block + ROWS + lane] = u16_at(2),
-                            _ => {}
+                        }
+                        if matches!(kind, Kind::Q4_1 | Kind::Q5_1) {
+                            scales[b * per_block + ROWS + lane] = u16_at(2);
                         }
                     }
                 }
@@ -379,6 +404,23 @@ impl Packed {
                             };
                             let fifth = (self.high[gb * 8 + v / 4] >> (4 * lane + v % 4)) & 1;
                             f32::from((q | (fifth as u8) << 4) as i8 - 16) * d
+                        }
+                        Kind::Q4_0 => {
+                            let q = if v < 16 {
+                                byte(v) & 0x0F
+                            } else {
+                                byte(v - 16) >> 4
+                            };
+                            f32::from(q as i8 - 8) * d
+                        }
+                        Kind::Q5_1 => {
+                            let q = if v < 16 {
+                                byte(v) & 0x0F
+                            } else {
+                                byte(v - 16) >> 4
+                            };
+                            let fifth = (self.high[gb * 8 + v / 4] >> (4 * lane + v % 4)) & 1;
+                            f32::from(q | (fifth as u8) << 4) * d + half(ROWS + lane)
                         }
                         Kind::Q6K => {
                             let q = if v < 16 {
@@ -601,7 +643,7 @@ impl Packed {
         assert!(g.high.len() == b * kind.masks());
         assert!(rows.iter().all(|r| r.bytes.len() == b * BLOCK
             && r.d.len() == b
-            && (if kind == Kind::Q4_1 {
+            && (if kind.acts() == Acts::Q8_1 {
                 r.s.len()
             } else {
                 r.sums.len()
@@ -615,7 +657,11 @@ impl Packed {
             const Q5_0: u8 = Kind::Q5_0.code();
             const Q8_0: u8 = Kind::Q8_0.code();
             const Q6K: u8 = Kind::Q6K.code();
+            const Q4_0: u8 = Kind::Q4_0.code();
+            const Q5_1: u8 = Kind::Q5_1.code();
             match kind {
+                Kind::Q4_0 => super::vnni::tile::<C, Q4_0>(g, rows),
+                Kind::Q5_1 => super::vnni::tile::<C, Q5_1>(g, rows),
                 Kind::Q4_1 => super::vnni::tile::<C, Q4_1>(g, rows),
                 Kind::Q5_0 => super::vnni::tile::<C, Q5_0>(g, rows),
                 Kind::Q8_0 => super::vnni::tile::<C, Q8_0>(g, rows),
@@ -743,72 +789,59 @@ mod tests {
         assert!(Packed::matmul_many(&[], &x).is_err());
     }
 
-    /// Q6_K: rows read back are candle's dequantized rows within the f16 rounding of the half
-    /// blocks' scales, and products are those rows against the Q8_0-rounded activations, to
-    /// float rounding, for decode and prompt row counts.
+    /// Formats without a bit-exact candle counterpart (Q6_K, Q4_0, Q5_1, and Q4_K and Q5_K as
+    /// rewritten): rows read back are candle's dequantized rows (within the f16 rounding of
+    /// the k-quants' sub-block scales), and products are those rows against the rounded
+    /// activations, to float rounding (Q8_1 activations: also the f16 rounding of their
+    /// scaled sums), for decode and prompt row counts.
     #[test]
-    fn q6k_matches_its_dequantized_weights() {
+    fn other_formats_match_their_dequantized_weights() {
         let dev = Device::Cpu;
         let (n, k) = (40usize, 512usize);
-        let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
-        let q = QTensor::quantize(&w, GgmlDType::Q6K).unwrap();
-        let Some(packed) = Packed::new(&q).unwrap() else {
-            assert!(!available());
-            return;
-        };
-        let ids: Vec<u32> = (0..n as u32).collect();
-        let rows: Vec<f32> = packed
-            .rows(&ids)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let want: Vec<f32> = q
-            .dequantize(&dev)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        for (a, b) in rows.iter().zip(&want) {
-            assert!((a - b).abs() <= 5e-4 * b.abs() + 1e-7, "{a} vs {b}");
-        }
-        for m in [1usize, 3, 8, 37] {
-            let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
-            let xq = QTensor::quantize(&x, GgmlDType::Q8_0).unwrap();
-            let xs: Vec<f32> = xq
-                .dequantize(&dev)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let got: Vec<f32> = packed
-                .matmul(&x)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            for r in 0..m {
-                for j in 0..n {
-                    let (wr, xr) = (&rows[j * k..(j + 1) * k], &xs[r * k..(r + 1) * k]);
-                    let exact: f64 = wr
-                        .iter()
-                        .zip(xr)
-                        .map(|(&a, &b)| f64::from(a) * f64::from(b))
-                        .sum();
-                    let size: f64 = wr
-                        .iter()
-                        .zip(xr)
-                        .map(|(&a, &b)| f64::from((a * b).abs()))
-                        .sum();
-                    let g = f64::from(got[r * n + j]);
-                    assert!(
-                        (g - exact).abs() <= 1e-5 * size,
-                        "{m} rows, [{r}, {j}]: {g} vs {exact}"
-                    );
+        for (dtype, row_tol, tol) in [
+            (GgmlDType::Q6K, 5e-4, 1e-5),
+            (GgmlDType::Q4_0, 0.0, 1e-5),
+            (GgmlDType::Q5_1, 0.0, 1e-3),
+            (GgmlDType::Q4K, 1e-3, 1e-3),
+            (GgmlDType::Q5K, 1e-3, 1e-3),
+        ] {
+            let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let Some(packed) = Packed::new(&q).unwrap() else {
+                assert!(!available());
+                return;
+            };
+            let ids: Vec<u32> = (0..n as u32).collect();
+            let flat = |t: Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+            let rows = flat(packed.rows(&ids).unwrap());
+            let want = flat(q.dequantize(&dev).unwrap());
+            // The rounding of a scale (and a minimum) is relative to the block's terms, not to
+            // the value they add up to: bounded by a share of the largest weight.
+            let range = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+            for (a, b) in rows.iter().zip(&want) {
+                assert!((a - b).abs() <= row_tol * range, "{dtype:?}: {a} vs {b}");
+            }
+            for m in [1usize, 3, 8, 37] {
+                let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+                let xq = QTensor::quantize(&x, GgmlDType::Q8_0).unwrap();
+                let xs = flat(xq.dequantize(&dev).unwrap());
+                let got = flat(packed.matmul(&x).unwrap());
+                for r in 0..m {
+                    for j in 0..n {
+                        let (wr, xr) = (&rows[j * k..(j + 1) * k], &xs[r * k..(r + 1) * k]);
+                        let pairs = || {
+                            wr.iter()
+                                .zip(xr)
+                                .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                        };
+                        let exact: f64 = pairs().sum();
+                        let size: f64 = pairs().map(f64::abs).sum();
+                        let g = f64::from(got[r * n + j]);
+                        assert!(
+                            (g - exact).abs() <= tol * size,
+                            "{dtype:?}, {m} rows, [{r}, {j}]: {g} vs {exact}"
+                        );
+                    }
                 }
             }
         }
@@ -848,12 +881,12 @@ mod tests {
     fn other_types_and_wrong_widths_are_refused() {
         let dev = Device::Cpu;
         let w = Tensor::randn(0f32, 1.0, (16, 64), &dev).unwrap();
-        let q5k = QTensor::quantize(
+        let q2k = QTensor::quantize(
             &Tensor::randn(0f32, 1.0, (16, 256), &dev).unwrap(),
-            GgmlDType::Q5K,
+            GgmlDType::Q2K,
         )
         .unwrap();
-        assert!(Packed::new(&q5k).unwrap().is_none());
+        assert!(Packed::new(&q2k).unwrap().is_none());
         let q = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
         if let Some(p) = Packed::new(&q).unwrap() {
             let x = Tensor::randn(0f32, 1.0, (2, 96), &dev).unwrap();

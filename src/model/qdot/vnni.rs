@@ -34,12 +34,18 @@ pub(super) unsafe fn tile<const C: usize, const K: u8>(
     const Q5_0: u8 = Kind::Q5_0.code();
     const Q8_0: u8 = Kind::Q8_0.code();
     const Q6K: u8 = Kind::Q6K.code();
+    const Q4_0: u8 = Kind::Q4_0.code();
+    const Q5_1: u8 = Kind::Q5_1.code();
     let kind = match K {
         Q4_1 => Kind::Q4_1,
         Q5_0 => Kind::Q5_0,
         Q6K => Kind::Q6K,
+        Q4_0 => Kind::Q4_0,
+        Q5_1 => Kind::Q5_1,
         _ => Kind::Q8_0,
     };
+    // Formats with a minimum per block (their activations are Q8_1), and with fifth bits.
+    let with_min = K == Q4_1 || K == Q5_1;
     let (chunks, per_block) = (kind.chunks(), kind.scales());
     let low = _mm512_set1_epi8(0x0F);
     let sixteen = _mm512_set1_epi8(16);
@@ -66,7 +72,7 @@ pub(super) unsafe fn tile<const C: usize, const K: u8>(
                 w[p + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(z), low);
             }
         }
-        if K == Q5_0 {
+        if K == Q5_0 || K == Q5_1 {
             let h = g.high.as_ptr().add(b * 8);
             for (t, wt) in w.iter_mut().enumerate() {
                 *wt = _mm512_mask_add_epi8(*wt, h.add(t).read(), *wt, sixteen);
@@ -82,7 +88,7 @@ pub(super) unsafe fn tile<const C: usize, const K: u8>(
         let sc = g.scales.as_ptr().add(b * per_block);
         let dw = _mm512_cvtph_ps(_mm256_loadu_si256(sc.cast()));
         // Q4_1's minimums, or Q6_K's second half block's scales.
-        let mw = if K == Q4_1 || K == Q6K {
+        let mw = if with_min || K == Q6K {
             _mm512_cvtph_ps(_mm256_loadu_si256(sc.add(ROWS).cast()))
         } else {
             _mm512_setzero_ps()
@@ -120,13 +126,13 @@ pub(super) unsafe fn tile<const C: usize, const K: u8>(
                 s1 = _mm512_dpbusd_epi32(s1, w[t + 1], word(t + 1));
             }
             let mut s = _mm512_add_epi32(s0, s1);
-            if K != Q4_1 {
+            if !with_min {
                 // The weights' offset times the block's sum of activations.
                 s = _mm512_sub_epi32(s, _mm512_set1_epi32(*r.sums.get_unchecked(b)));
             }
             let dx = _mm512_set1_ps(*r.d.get_unchecked(b));
             let mut f = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s), dw), dx);
-            if K == Q4_1 {
+            if with_min {
                 let sx = _mm512_set1_ps(*r.s.get_unchecked(b));
                 f = _mm512_add_ps(f, _mm512_mul_ps(mw, sx));
             }
