@@ -28,6 +28,12 @@ pub(crate) use fused::exp as fast_exp;
 pub use linear::DENSE_MIN_ROWS;
 pub use transformer::{Activation, Config, RopeStyle, TensorSource, Transformer};
 
+/// Whether this CPU runs the packed int8 kernel (AVX-512 F, BW and VNNI), which computes every
+/// row of a matmul alike whatever the number of rows.
+pub fn packed_kernel() -> bool {
+    qdot::packed::available()
+}
+
 /// A tensor's values as f32, flattened (a copy, whatever the view's layout).
 pub(crate) fn f32_values(t: &candle_core::Tensor) -> candle_core::Result<Vec<f32>> {
     t.to_dtype(candle_core::DType::F32)?
