@@ -24,6 +24,8 @@
 #![allow(unsafe_code)]
 
 mod acts;
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 mod kquant;
 pub mod packed;
 mod q4_1;

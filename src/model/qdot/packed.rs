@@ -77,6 +77,18 @@ pub(super) enum Kind {
 }
 
 impl Kind {
+    /// The kind whose [`Kind::code`] is `code` (Q8_0 for any other).
+    pub(super) const fn from_code(code: u8) -> Self {
+        match code {
+            0 => Self::Q4_1,
+            1 => Self::Q5_0,
+            3 => Self::Q6K,
+            4 => Self::Q4_0,
+            5 => Self::Q5_1,
+            _ => Self::Q8_0,
+        }
+    }
+
     /// The kernel's const parameter.
     pub(super) const fn code(self) -> u8 {
         match self {
@@ -221,9 +233,45 @@ fn pack_q6k_row(
     }
 }
 
+/// The instruction sets the packed kernel comes in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Kernel {
+    /// AVX-512 F, BW and VNNI: sixteen rows per vector (`vnni.rs`).
+    Avx512,
+    /// AVX2 with AVX-VNNI: eight rows per vector (`avx2.rs`).
+    AvxVnni,
+    /// AVX2 alone, `vpmaddubsw` for the integer sums (`avx2.rs`).
+    Avx2,
+}
+
+/// The kernel this CPU runs best, checked once; `LLMGENIE_CPU_KERNEL` (`avxvnni`, `avx2` or
+/// `none`) picks a lesser one, to measure it.
+pub(super) fn kernel() -> Option<Kernel> {
+    static KERNEL: std::sync::OnceLock<Option<Kernel>> = std::sync::OnceLock::new();
+    *KERNEL.get_or_init(|| {
+        let avx2 = super::cpu_has!("avx2", "fma", "f16c");
+        let best = if super::cpu_has!("avx512f", "avx512bw", "avx512vnni") {
+            Some(Kernel::Avx512)
+        } else if avx2 && super::cpu_has!("avxvnni") {
+            Some(Kernel::AvxVnni)
+        } else if avx2 {
+            Some(Kernel::Avx2)
+        } else {
+            None
+        };
+        let vnni256 = avx2 && super::cpu_has!("avxvnni");
+        match std::env::var("LLMGENIE_CPU_KERNEL").as_deref() {
+            Ok("avxvnni") if vnni256 => Some(Kernel::AvxVnni),
+            Ok("avx2") if avx2 => Some(Kernel::Avx2),
+            Ok("none") => None,
+            _ => best,
+        }
+    })
+}
+
 /// Whether this CPU runs the packed kernel (checked once).
 pub fn available() -> bool {
-    super::cpu_has!("avx512f", "avx512bw", "avx512vnni")
+    kernel().is_some()
 }
 
 impl Packed {
@@ -648,28 +696,50 @@ impl Packed {
             } else {
                 r.sums.len()
             }) == b * kind.acts().sums_per_block().max(1)));
-        assert!(available());
+        let kernel = kernel();
+        assert!(kernel.is_some());
+        Self::tile_on(kernel, g, rows, kind)
+    }
+
+    /// [`Packed::tile`] on `kernel`, which the caller checked this CPU has (and that it takes
+    /// this format).
+    fn tile_on<const C: usize>(
+        kernel: Option<Kernel>,
+        g: Group<'_>,
+        rows: [Row<'_>; C],
+        kind: Kind,
+    ) -> [[f32; ROWS]; C] {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `available()` checked AVX-512 F, BW and VNNI (a `Packed` exists only then);
-        // the lengths the kernel reads were checked above.
+        // SAFETY: the caller checked that the CPU has the kernel's instruction sets (a `Packed`
+        // exists only where one runs), and `tile` the lengths the kernel reads.
         unsafe {
-            const Q4_1: u8 = Kind::Q4_1.code();
-            const Q5_0: u8 = Kind::Q5_0.code();
-            const Q8_0: u8 = Kind::Q8_0.code();
-            const Q6K: u8 = Kind::Q6K.code();
-            const Q4_0: u8 = Kind::Q4_0.code();
-            const Q5_1: u8 = Kind::Q5_1.code();
-            match kind {
-                Kind::Q4_0 => super::vnni::tile::<C, Q4_0>(g, rows),
-                Kind::Q5_1 => super::vnni::tile::<C, Q5_1>(g, rows),
-                Kind::Q4_1 => super::vnni::tile::<C, Q4_1>(g, rows),
-                Kind::Q5_0 => super::vnni::tile::<C, Q5_0>(g, rows),
-                Kind::Q8_0 => super::vnni::tile::<C, Q8_0>(g, rows),
-                Kind::Q6K => super::vnni::tile::<C, Q6K>(g, rows),
+            macro_rules! on {
+                ($($f:tt)*) => {{
+                    const Q4_1: u8 = Kind::Q4_1.code();
+                    const Q5_0: u8 = Kind::Q5_0.code();
+                    const Q8_0: u8 = Kind::Q8_0.code();
+                    const Q6K: u8 = Kind::Q6K.code();
+                    const Q4_0: u8 = Kind::Q4_0.code();
+                    const Q5_1: u8 = Kind::Q5_1.code();
+                    match kind {
+                        Kind::Q4_1 => $($f)*::<C, Q4_1>(g, rows),
+                        Kind::Q5_0 => $($f)*::<C, Q5_0>(g, rows),
+                        Kind::Q8_0 => $($f)*::<C, Q8_0>(g, rows),
+                        Kind::Q6K => $($f)*::<C, Q6K>(g, rows),
+                        Kind::Q4_0 => $($f)*::<C, Q4_0>(g, rows),
+                        Kind::Q5_1 => $($f)*::<C, Q5_1>(g, rows),
+                    }
+                }};
+            }
+            match kernel {
+                Some(Kernel::Avx512) => on!(super::vnni::tile),
+                Some(Kernel::AvxVnni) => on!(super::avx2::tile_vnni),
+                Some(Kernel::Avx2) => on!(super::avx2::tile_avx2),
+                None => unreachable!("no packed matrices without a kernel"),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
-        unreachable!("no packed matrices without AVX-512")
+        unreachable!("no packed matrices off x86")
     }
 }
 
@@ -843,6 +913,77 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    /// `C` rows of `packed.k` values against every group of `packed`, on each kernel in `on`.
+    fn on_kernels<const C: usize>(packed: &Packed, on: &[Kernel]) -> Vec<Vec<[[f32; ROWS]; C]>> {
+        let (k, blocks) = (packed.k, packed.blocks);
+        let x = Tensor::randn(0f32, 1.0, (C, k), &Device::Cpu).unwrap();
+        let x: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+        let acts = packed.kind.acts();
+        let xq = super::super::acts::quantize_values(&x, C, k, acts).unwrap();
+        let per = acts.sums_per_block();
+        let row = |r: usize| Row {
+            bytes: &xq.q[r * k..(r + 1) * k],
+            d: &xq.d[r * blocks..(r + 1) * blocks],
+            s: if xq.s.is_empty() {
+                &[]
+            } else {
+                &xq.s[r * blocks..(r + 1) * blocks]
+            },
+            sums: &xq.sums[r * blocks * per..(r + 1) * blocks * per],
+        };
+        on.iter()
+            .map(|&kernel| {
+                (0..packed.n.div_ceil(ROWS))
+                    .map(|g| {
+                        let rows: [Row<'_>; C] = std::array::from_fn(row);
+                        Packed::tile_on(Some(kernel), packed.group(g), rows, packed.kind)
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// The 256-bit kernels (AVX-VNNI and AVX2) compute what the 512-bit one computes, bit for
+    /// bit, for every format and one, three and eight rows, on the kernels
+    /// this CPU has.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn kernels_agree_bit_for_bit() {
+        use crate::model::qdot::cpu_has;
+        let mut on = Vec::new();
+        if cpu_has!("avx512f", "avx512bw", "avx512vnni") {
+            on.push(Kernel::Avx512);
+        }
+        if cpu_has!("avx2", "fma", "f16c", "avxvnni") {
+            on.push(Kernel::AvxVnni);
+        }
+        if cpu_has!("avx2", "fma", "f16c") {
+            on.push(Kernel::Avx2);
+        }
+        let dev = Device::Cpu;
+        for dtype in [
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q8_0,
+            GgmlDType::Q6K,
+            GgmlDType::Q4_0,
+            GgmlDType::Q5_1,
+        ] {
+            let w = Tensor::randn(0f32, 1.0, (37, 512), &dev).unwrap();
+            let Some(packed) = Packed::new(&QTensor::quantize(&w, dtype).unwrap()).unwrap() else {
+                return;
+            };
+            let one = on_kernels::<1>(&packed, &on);
+            let three = on_kernels::<3>(&packed, &on);
+            let eight = on_kernels::<8>(&packed, &on);
+            for (i, kernel) in on.iter().enumerate().skip(1) {
+                assert_eq!(one[i], one[0], "{dtype:?} on {kernel:?}, one row");
+                assert_eq!(three[i], three[0], "{dtype:?} on {kernel:?}, three rows");
+                assert_eq!(eight[i], eight[0], "{dtype:?} on {kernel:?}, eight rows");
             }
         }
     }

@@ -34,16 +34,8 @@ pub(super) unsafe fn tile<const C: usize, const K: u8>(
     const Q5_0: u8 = Kind::Q5_0.code();
     const Q8_0: u8 = Kind::Q8_0.code();
     const Q6K: u8 = Kind::Q6K.code();
-    const Q4_0: u8 = Kind::Q4_0.code();
     const Q5_1: u8 = Kind::Q5_1.code();
-    let kind = match K {
-        Q4_1 => Kind::Q4_1,
-        Q5_0 => Kind::Q5_0,
-        Q6K => Kind::Q6K,
-        Q4_0 => Kind::Q4_0,
-        Q5_1 => Kind::Q5_1,
-        _ => Kind::Q8_0,
-    };
+    let kind = Kind::from_code(K);
     // Formats with a minimum per block (their activations are Q8_1), and with fifth bits.
     let with_min = K == Q4_1 || K == Q5_1;
     let (chunks, per_block) = (kind.chunks(), kind.scales());
