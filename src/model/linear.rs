@@ -1,17 +1,16 @@
 //! A quantized weight matrix with the ways to multiply it.
 //!
-//! On a CPU with AVX-512 VNNI, Q4_1, Q5_0 and Q8_0 matrices are repacked at load
-//! (`qdot/packed.rs`) and take the packed int8 kernel for any number of rows: a decode step, a
-//! batched step and a whole prompt alike. Otherwise, Q4_1, Q5_0 and (from two rows) Q8_0 weights
-//! on an AVX2 CPU take this crate's four-lane kernels (`qdot/`) up to 160 rows. Otherwise: one
-//! row at a time (decode), candle's quantized dot products are the fastest CPU path and read
-//! the fewest bytes. For many rows (prompt prefill) they walk the rows one by one, so on the CPU
-//! the matrix is instead dequantized once per call and multiplied with a dense f32 GEMM, 3-4x
-//! faster for prompt-sized batches (the k-quants, Q4_K and Q6_K, always take this path for
-//! prompts). To keep llama.cpp's numerics, the activations are first rounded through the same
-//! 8-bit format llama.cpp's dot products quantize them to (Q8_0, Q8_1 or Q8_K by weight type):
-//! the dense product of the dequantized values is then the integer dot product, up to float
-//! summation order. GPU backends keep their quantized kernels.
+//! On an x86 CPU with AVX2 (or AVX-512), Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q6_K, Q4_K and Q5_K
+//! matrices are repacked at load (`qdot/packed.rs`) and take the packed int8 kernel for any
+//! number of rows: a decode step, a batched step and a whole prompt alike. Other formats (Q2_K,
+//! Q3_K, F16, ...), other CPUs and GPUs: one row at a time (decode), candle's quantized dot
+//! products are the fastest path and read the fewest bytes. For many rows (prompt prefill) they
+//! walk the rows one by one, so on the CPU the matrix is instead dequantized once per call and
+//! multiplied with a dense f32 GEMM, 3-4x faster for prompt-sized batches. To keep llama.cpp's
+//! numerics, the activations are first rounded through the same 8-bit format llama.cpp's dot
+//! products quantize them to (Q8_0, Q8_1 or Q8_K by weight type): the dense product of the
+//! dequantized values is then the integer dot product, up to float summation order. GPU
+//! backends keep their quantized kernels.
 
 use std::sync::Arc;
 
@@ -26,8 +25,8 @@ use super::qdot::packed::Packed;
 pub const DENSE_MIN_ROWS: usize = 16;
 
 pub enum Linear {
-    /// Q4_1 and Q5_0 on a CPU with AVX-512 VNNI: packed for this crate's int8 kernel, the
-    /// fastest path for any number of rows. The file's copy of the weights is not kept.
+    /// Packed for this crate's int8 kernel (see the module notes), the fastest path for any
+    /// number of rows. The file's copy of the weights is not kept.
     Packed(Arc<Packed>),
     Quantized {
         matmul: QMatMul,
@@ -35,27 +34,6 @@ pub enum Linear {
         /// dense path (CPU, quantized weights only).
         dense: Option<(Arc<QTensor>, GgmlDType)>,
     },
-}
-
-/// `x` as `rows` rows of `k`, quantized to `dtype` (once per input: [`super::per_input`]).
-/// `QTensor::quantize` reads a tensor's storage from its start, whatever the view's offset, so
-/// a view into a larger tensor (a row narrowed out of a batch) is copied into storage of its
-/// own first.
-pub(super) fn quantize_rows(
-    x: &Tensor,
-    rows: usize,
-    k: usize,
-    dtype: GgmlDType,
-) -> candle_core::Result<Arc<QTensor>> {
-    super::per_input(x, dtype, || {
-        let flat = x.reshape((rows, k))?.contiguous()?;
-        if flat.layout().start_offset() == 0 {
-            QTensor::quantize(&flat, dtype)
-        } else {
-            let values = super::f32_values(&flat)?;
-            QTensor::quantize(&Tensor::from_vec(values, (rows, k), x.device())?, dtype)
-        }
-    })
 }
 
 /// `x` (`rows` rows of `k`) rounded through `act` and back: the values llama.cpp's dot products
@@ -183,11 +161,6 @@ impl Linear {
         let Some((w, act)) = dense else {
             return matmul.forward(x);
         };
-        // This crate's kernels, faster than both paths below up to 160 rows (for a 64-token
-        // prompt chunk of SmolLM2, 1.9x the dense path, which dequantizes whole matrices).
-        if let Some(y) = super::qdot::matmul(w, x)? {
-            return Ok(y);
-        }
         if rows < DENSE_MIN_ROWS || k % act.block_size() != 0 {
             return matmul.forward(x);
         }

@@ -1,13 +1,17 @@
-//! Q4_1, Q5_0 and Q8_0 weights repacked for AVX-512 VNNI: sixteen rows interleaved, so that one
-//! vector holds four weights of each of sixteen rows and `vpdpbusd` against four activation
-//! bytes broadcast to every lane advances sixteen dot products at once (`vnni.rs`).
+//! Weights repacked for the int8 kernels: sixteen rows interleaved, so that one 512-bit vector
+//! (two 256-bit ones) holds four weights of each of sixteen rows and `vpdpbusd` against four
+//! activation bytes broadcast to every lane advances sixteen dot products at once (`vnni.rs`,
+//! `avx2.rs`).
 //!
-//! The file's layout gives each row its blocks one after another; the kernels in `q4_1.rs` and
-//! `q5_0.rs` therefore compute four dot products per vector and sum each block's integer
-//! products horizontally, and those horizontal sums (shuffles) bound them. Here there are none,
-//! and the weights' unpacking is shared by up to eight activation rows: for SmolLM2's decode
-//! the kernel does about a fifth of the instructions per weight, and for prompts it is an int8
-//! GEMM that needs no dequantized copy of the weights.
+//! The file's layout gives each row its blocks one after another, so a kernel over it computes
+//! a few dot products per vector and sums each block's integer products horizontally, and those
+//! horizontal sums (shuffles) bound it (this crate's first AVX2 kernels did so). Here there are
+//! none, and the weights' unpacking is shared by up to eight activation rows: for SmolLM2's
+//! decode the kernel does about a fifth of the instructions per weight, and for prompts it is
+//! an int8 GEMM that needs no dequantized copy of the weights.
+//!
+//! Q6_K keeps its six bits as a nibble and two bit masks per value, with a scale per half block
+//! (`d * sc` rounded to f16); Q4_K and Q5_K arrive rewritten as Q4_1 and Q5_1 (`kquant.rs`).
 //!
 //! The packing is a permutation of the file's bytes: the same nibbles, fifth bits, bytes (Q8_0's,
 //! with 128 added so that they are unsigned) and f16 scales, so the packed matrix takes the
