@@ -105,12 +105,8 @@ impl Linear {
         })
     }
 
-    /// `x @ w^T` for each of `mats`: in one dispatch where they are all packed in one format
-    /// (see [`Packed::matmul_many`]), else one after another.
-    ///
-    /// # Errors
-    /// As [`Linear::forward`].
-    pub fn forward_many(mats: &[&Self], x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+    /// The packed matrices of `mats`, when all are packed in one format and input width.
+    fn packed_alike<'a>(mats: &[&'a Self]) -> Option<Vec<&'a Packed>> {
         let packed: Vec<&Packed> = mats
             .iter()
             .filter_map(|l| match l {
@@ -118,7 +114,17 @@ impl Linear {
                 Self::Quantized { .. } => None,
             })
             .collect();
-        if packed.len() == mats.len() && packed.windows(2).all(|w| w[0].same_format(w[1])) {
+        (packed.len() == mats.len() && packed.windows(2).all(|w| w[0].same_format(w[1])))
+            .then_some(packed)
+    }
+
+    /// `x @ w^T` for each of `mats`: in one dispatch where they are all packed in one format
+    /// (see [`Packed::matmul_many`]), else one after another.
+    ///
+    /// # Errors
+    /// As [`Linear::forward`].
+    pub fn forward_many(mats: &[&Self], x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+        if let Some(packed) = Self::packed_alike(mats) {
             return Packed::matmul_many(&packed, x);
         }
         mats.iter().map(|l| l.forward(x)).collect()
@@ -134,14 +140,7 @@ impl Linear {
         x: &[f32],
         m: usize,
     ) -> candle_core::Result<Vec<Vec<f32>>> {
-        let packed: Vec<&Packed> = mats
-            .iter()
-            .filter_map(|l| match l {
-                Self::Packed(p) => Some(&**p),
-                Self::Quantized { .. } => None,
-            })
-            .collect();
-        if packed.len() == mats.len() && packed.windows(2).all(|w| w[0].same_format(w[1])) {
+        if let Some(packed) = Self::packed_alike(mats) {
             return Packed::matmul_many_values(&packed, x, m);
         }
         // One tensor for all: the quantized input is computed once (`per_input`).
