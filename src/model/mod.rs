@@ -14,13 +14,14 @@ mod step;
 mod transformer;
 
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
-use candle_core::quantized::{gguf_file, QTensor};
+use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
 use candle_core::Device;
 
 use crate::gguf::{Architecture, GgufError, GgufFile, ModelSpec};
+use qdot::packed::Packed;
 
 pub use cache::KvCache;
 pub use device::{select_device, DeviceChoice};
@@ -100,6 +101,14 @@ pub enum ModelError {
         path: String,
         source: std::io::Error,
     },
+    #[error("tensor {name} has type {ty}, which this build cannot compute with")]
+    UnsupportedType { name: String, ty: String },
+    #[error("cannot read tensor {name} from {path}: {source}")]
+    Read {
+        name: String,
+        path: String,
+        source: std::io::Error,
+    },
     #[error("model file lacks tensor '{0}'")]
     MissingTensor(String),
     #[error("the input is empty")]
@@ -157,22 +166,105 @@ pub fn config_for(spec: &ModelSpec) -> Result<Config, ModelError> {
 }
 
 /// Reads tensors through candle's GGUF reader from an already validated file.
-struct GgufTensors {
-    content: gguf_file::Content,
-    reader: BufReader<File>,
+/// Tensors read from a validated GGUF file (its own parse: offsets, types and shapes), through
+/// one reused buffer.
+struct GgufTensors<'f> {
+    file: &'f GgufFile,
+    path: &'f Path,
+    reader: File,
+    buf: Vec<u8>,
     device: Device,
 }
 
-impl TensorSource for GgufTensors {
+/// candle's name for a ggml type code, for the types candle reads.
+fn candle_dtype(code: u32) -> Option<GgmlDType> {
+    use GgmlDType::*;
+    Some(match code {
+        0 => F32,
+        1 => F16,
+        2 => Q4_0,
+        3 => Q4_1,
+        6 => Q5_0,
+        7 => Q5_1,
+        8 => Q8_0,
+        9 => Q8_1,
+        10 => Q2K,
+        11 => Q3K,
+        12 => Q4K,
+        13 => Q5K,
+        14 => Q6K,
+        15 => Q8K,
+        30 => BF16,
+        _ => return None,
+    })
+}
+
+impl GgufTensors<'_> {
+    /// The named tensor's candle type and shape (outermost first), its bytes read into `buf`
+    /// when `read` says so; `None` when the file lacks it.
+    fn fetch(
+        &mut self,
+        name: &str,
+        read: impl Fn(GgmlDType, &[usize]) -> bool,
+    ) -> Result<Option<(GgmlDType, Vec<usize>, bool)>, ModelError> {
+        let Some(info) = self.file.tensor(name) else {
+            return Ok(None);
+        };
+        let dtype = candle_dtype(info.dtype.code()).ok_or_else(|| ModelError::UnsupportedType {
+            name: name.to_string(),
+            ty: info.dtype.name().to_string(),
+        })?;
+        let dims: Vec<usize> = info.dims.iter().rev().map(|&d| d as usize).collect();
+        if !read(dtype, &dims) {
+            return Ok(Some((dtype, dims, false)));
+        }
+        let fail = |source| ModelError::Read {
+            name: name.to_string(),
+            path: self.path.display().to_string(),
+            source,
+        };
+        let len = usize::try_from(info.n_bytes).map_err(|_| ModelError::Internal("tensor size"))?;
+        self.buf.resize(len, 0);
+        self.reader
+            .seek(SeekFrom::Start(info.offset))
+            .map_err(fail)?;
+        self.reader.read_exact(&mut self.buf).map_err(fail)?;
+        Ok(Some((dtype, dims, true)))
+    }
+}
+
+impl GgufTensors<'_> {
+    /// The buffer is kept for the next tensor unless it holds a large one (a vocabulary): that
+    /// would add its size to the peak memory of the rest of the load.
+    fn release_large(&mut self) {
+        const KEEP: usize = 32 << 20;
+        if self.buf.capacity() > KEEP {
+            self.buf = Vec::new();
+        }
+    }
+}
+
+impl TensorSource for GgufTensors<'_> {
     fn load(&mut self, name: &str) -> Result<Option<QTensor>, ModelError> {
-        if !self.content.tensor_infos.contains_key(name) {
+        let Some((dtype, dims, _)) = self.fetch(name, |_, _| true)? else {
+            return Ok(None);
+        };
+        let t = qtensor_from_ggml(dtype, &self.buf, dims, &self.device);
+        self.release_large();
+        Ok(Some(t?))
+    }
+
+    fn packed(&mut self, name: &str) -> Result<Option<Packed>, ModelError> {
+        if !self.device.is_cpu() {
             return Ok(None);
         }
-        Ok(Some(self.content.tensor(
-            &mut self.reader,
-            name,
-            &self.device,
-        )?))
+        let matrix = |dtype, dims: &[usize]| dims.len() == 2 && Packed::takes(dtype);
+        let packed = match self.fetch(name, matrix)? {
+            Some((dtype, dims, true)) => Packed::from_bytes(dtype, dims[0], dims[1], &self.buf),
+            _ => None,
+        };
+        self.release_large();
+        Ok(packed)
     }
 }
 
@@ -195,14 +287,15 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel, ModelError> {
         path: path.display().to_string(),
         source: e,
     };
-    let mut reader = BufReader::new(File::open(path).map_err(open)?);
-    let content = gguf_file::Content::read(&mut reader)?;
     let mut src = GgufTensors {
-        content,
-        reader,
+        file: &file,
+        path,
+        reader: File::open(path).map_err(open)?,
+        buf: Vec::new(),
         device: device.clone(),
     };
     let weights = Transformer::load(cfg, &mut src, device)?;
+    drop(src);
     Ok(LoadedModel {
         file,
         spec,

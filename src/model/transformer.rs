@@ -147,6 +147,23 @@ type MaskKey = (usize, Option<usize>);
 pub trait TensorSource {
     /// Load the named tensor, or `None` when the file lacks it.
     fn load(&mut self, name: &str) -> Result<Option<QTensor>, ModelError>;
+
+    /// The named matrix packed for the CPU's int8 kernel straight from its stored bytes, or
+    /// `None` when this source cannot (the caller then loads it and packs it if it can).
+    ///
+    /// # Errors
+    /// Reading the tensor fails.
+    fn packed(&mut self, _name: &str) -> Result<Option<Packed>, ModelError> {
+        Ok(None)
+    }
+}
+
+/// The named weight matrix, packed where the kernel takes it.
+fn matrix(src: &mut dyn TensorSource, name: &str) -> Result<Linear, ModelError> {
+    if let Some(p) = src.packed(name)? {
+        return Ok(Linear::Packed(Arc::new(p)));
+    }
+    Ok(Linear::new(Arc::new(required(src, name)?))?)
 }
 
 fn required(src: &mut dyn TensorSource, name: &str) -> Result<QTensor, ModelError> {
@@ -176,26 +193,57 @@ impl Transformer {
         src: &mut dyn TensorSource,
         device: &Device,
     ) -> Result<Self, ModelError> {
-        let embed = required(src, "token_embd.weight")?;
-        let (embed, output) = match src.load("output.weight")? {
-            Some(t) => (
-                Embedding::Quantized(Arc::new(embed)),
-                Linear::new(Arc::new(t))?,
-            ),
-            // Tied: one copy serves the lookups and the vocabulary projection.
-            None => match Packed::new(&embed)? {
-                Some(p) => {
-                    // Not held through the rest of the load: the peak stays one copy.
-                    drop(embed);
-                    let p = Arc::new(p);
-                    (Embedding::Packed(p.clone()), Linear::Packed(p))
-                }
-                None => {
-                    let e = Arc::new(embed);
-                    (Embedding::Quantized(e.clone()), Linear::new(e)?)
-                }
+        const EMBED: &str = "token_embd.weight";
+        let untied = match src.packed("output.weight")? {
+            Some(p) => Some(Linear::Packed(Arc::new(p))),
+            None => match src.load("output.weight")? {
+                Some(t) => Some(Linear::new(Arc::new(t))?),
+                None => None,
             },
         };
+        let (embed, output) = match untied {
+            Some(output) => (
+                Embedding::Quantized(Arc::new(required(src, EMBED)?)),
+                output,
+            ),
+            // Tied: one copy serves the lookups and the vocabulary projection.
+            None => {
+                let packed = match src.packed(EMBED)? {
+                    Some(p) => p,
+                    None => {
+                        let embed = required(src, EMBED)?;
+                        match Packed::new(&embed)? {
+                            // The file's copy is not held through the rest of the load.
+                            Some(p) => p,
+                            None => {
+                                let e = Arc::new(embed);
+                                let out = Linear::new(e.clone())?;
+                                return Self::load_rest(
+                                    cfg,
+                                    src,
+                                    device,
+                                    Embedding::Quantized(e),
+                                    out,
+                                );
+                            }
+                        }
+                    }
+                };
+                let p = Arc::new(packed);
+                (Embedding::Packed(p.clone()), Linear::Packed(p))
+            }
+        };
+        Self::load_rest(cfg, src, device, embed, output)
+    }
+
+    /// [`Transformer::load`] after the embedding and the vocabulary projection.
+    fn load_rest(
+        cfg: Config,
+        src: &mut dyn TensorSource,
+        device: &Device,
+        embed: Embedding,
+        output: Linear,
+    ) -> Result<Self, ModelError> {
         let out_norm = dense(required(src, "output_norm.weight")?, device)?;
         let rope_freqs = match src.load("rope_freqs.weight")? {
             Some(t) => Some(
@@ -233,9 +281,7 @@ impl Transformer {
         device: &Device,
     ) -> Result<Layer, ModelError> {
         let name = |s: &str| format!("blk.{i}.{s}");
-        let mut qm = |s: &str| -> Result<Linear, ModelError> {
-            Ok(Linear::new(Arc::new(required(src, &name(s))?))?)
-        };
+        let mut qm = |s: &str| matrix(src, &name(s));
         let wq = qm("attn_q.weight")?;
         let wk = qm("attn_k.weight")?;
         let wv = qm("attn_v.weight")?;

@@ -10,7 +10,9 @@
 //! row at a time and, for prompts, through a dense copy dequantized on every call. Q5_K is the
 //! same with a fifth bit per value (Q5_1: 24 bytes per 32 values instead of 22).
 
-use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
+use candle_core::quantized::GgmlDType;
+#[cfg(test)]
+use candle_core::quantized::{ggml_file::qtensor_from_ggml, QTensor};
 
 use super::BLOCK;
 
@@ -86,50 +88,36 @@ fn super_block(src: &[u8], out: &mut [u8], fifth: bool) -> Option<()> {
     Some(())
 }
 
-/// `w` (Q5_K, on the CPU) as a Q5_1 tensor of the same shape, or `None` for other formats or
-/// scales that do not fit f16.
-///
-/// # Errors
-/// A candle failure reading `w` or building the result.
-pub(super) fn q5k_as_q5_1(w: &QTensor) -> candle_core::Result<Option<QTensor>> {
-    rewrite(w, GgmlDType::Q5K, Q5K_BYTES, GgmlDType::Q5_1, Q5_1_BYTES)
+/// `w` (Q4_K or Q5_K) rewritten as a tensor (Q4_1 or Q5_1) of the same shape, or `None`.
+#[cfg(test)]
+fn rewritten(w: &QTensor) -> candle_core::Result<Option<QTensor>> {
+    let (n, k) = w.shape().dims2()?;
+    Ok(match rewrite(w.dtype(), k, &w.data()?) {
+        Some((to, bytes)) => Some(qtensor_from_ggml(to, &bytes, vec![n, k], &w.device())?),
+        None => None,
+    })
 }
 
-/// `w` of format `from` (super-blocks of `from_bytes`) as format `to` (blocks of `to_bytes`).
-fn rewrite(
-    w: &QTensor,
-    from: GgmlDType,
-    from_bytes: usize,
-    to: GgmlDType,
-    to_bytes: usize,
-) -> candle_core::Result<Option<QTensor>> {
-    if w.dtype() != from {
-        return Ok(None);
-    }
-    let (n, k) = w.shape().dims2()?;
-    let data = w.data()?;
-    if k % SUPER != 0 || data.len() != n * (k / SUPER) * from_bytes {
-        return Ok(None);
+/// The stored bytes `data` of a Q4_K or Q5_K matrix with rows `k` wide, rewritten as Q4_1 or
+/// Q5_1: the new format and its bytes, or `None` for other formats, widths that are not whole
+/// super-blocks, or scales that do not fit f16.
+pub(super) fn rewrite(dtype: GgmlDType, k: usize, data: &[u8]) -> Option<(GgmlDType, Vec<u8>)> {
+    let (from_bytes, to, to_bytes) = match dtype {
+        GgmlDType::Q4K => (Q4K_BYTES, GgmlDType::Q4_1, Q4_1_BYTES),
+        GgmlDType::Q5K => (Q5K_BYTES, GgmlDType::Q5_1, Q5_1_BYTES),
+        _ => return None,
+    };
+    if !k.is_multiple_of(SUPER) || !data.len().is_multiple_of(from_bytes) {
+        return None;
     }
     let mut out = vec![0u8; data.len() / from_bytes * 8 * to_bytes];
     for (src, dst) in data
         .chunks_exact(from_bytes)
         .zip(out.chunks_exact_mut(8 * to_bytes))
     {
-        if super_block(src, dst, from == GgmlDType::Q5K).is_none() {
-            return Ok(None);
-        }
+        super_block(src, dst, dtype == GgmlDType::Q5K)?;
     }
-    Ok(Some(qtensor_from_ggml(to, &out, vec![n, k], &w.device())?))
-}
-
-/// `w` (Q4_K, on the CPU) as a Q4_1 tensor of the same shape, or `None` for other formats or
-/// scales that do not fit f16.
-///
-/// # Errors
-/// A candle failure reading `w` or building the result.
-pub(super) fn q4k_as_q4_1(w: &QTensor) -> candle_core::Result<Option<QTensor>> {
-    rewrite(w, GgmlDType::Q4K, Q4K_BYTES, GgmlDType::Q4_1, Q4_1_BYTES)
+    Some((to, out))
 }
 
 #[cfg(test)]
@@ -150,12 +138,7 @@ mod tests {
         ] {
             let w = Tensor::randn(0f32, 1.0, (37, 512), &dev).unwrap();
             let q = QTensor::quantize(&w, from).unwrap();
-            let r = match from {
-                GgmlDType::Q4K => q4k_as_q4_1(&q),
-                _ => q5k_as_q5_1(&q),
-            }
-            .unwrap()
-            .unwrap();
+            let r = rewritten(&q).unwrap().unwrap();
             assert_eq!(r.dtype(), to);
             assert_eq!(r.shape().dims(), &[37, 512]);
             let a = q.dequantize(&dev).unwrap().flatten_all().unwrap();
@@ -174,9 +157,8 @@ mod tests {
         let dev = Device::Cpu;
         let w = Tensor::randn(0f32, 1.0, (4, 256), &dev).unwrap();
         let q = QTensor::quantize(&w, GgmlDType::Q6K).unwrap();
-        assert!(q4k_as_q4_1(&q).unwrap().is_none());
+        assert!(rewritten(&q).unwrap().is_none());
         let q = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
-        assert!(q4k_as_q4_1(&q).unwrap().is_none());
-        assert!(q5k_as_q5_1(&q).unwrap().is_none());
+        assert!(rewritten(&q).unwrap().is_none());
     }
 }

@@ -285,37 +285,45 @@ impl Packed {
     /// # Errors
     /// candle cannot hand out the tensor's bytes.
     pub fn new(w: &QTensor) -> candle_core::Result<Option<Self>> {
-        let kind = match w.dtype() {
+        if !w.device().is_cpu() || !Self::takes(w.dtype()) {
+            return Ok(None);
+        }
+        let (n, k) = w.shape().dims2()?;
+        Ok(Self::from_bytes(w.dtype(), n, k, &w.data()?))
+    }
+
+    /// Whether this CPU packs matrices of `dtype`.
+    pub fn takes(dtype: GgmlDType) -> bool {
+        use GgmlDType::*;
+        available() && matches!(dtype, Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q6K | Q4K | Q5K)
+    }
+
+    /// An `n` x `k` matrix of `dtype` packed from its stored bytes (as a GGUF file holds them),
+    /// or `None` for another type, a width that is not whole blocks, bytes that do not fit, or
+    /// a CPU without the kernel.
+    pub fn from_bytes(dtype: GgmlDType, n: usize, k: usize, data: &[u8]) -> Option<Self> {
+        let kind = match dtype {
             GgmlDType::Q4_1 => Kind::Q4_1,
             GgmlDType::Q5_0 => Kind::Q5_0,
             GgmlDType::Q8_0 => Kind::Q8_0,
             GgmlDType::Q6K => Kind::Q6K,
             GgmlDType::Q4_0 => Kind::Q4_0,
             GgmlDType::Q5_1 => Kind::Q5_1,
-            GgmlDType::Q5K if available() && w.device().is_cpu() => {
-                return match super::kquant::q5k_as_q5_1(w)? {
-                    Some(q) => Self::new(&q),
-                    None => Ok(None),
-                };
+            GgmlDType::Q4K | GgmlDType::Q5K if available() => {
+                let (to, bytes) = super::kquant::rewrite(dtype, k, data)?;
+                return Self::from_bytes(to, n, k, &bytes);
             }
-            GgmlDType::Q4K if available() && w.device().is_cpu() => {
-                return match super::kquant::q4k_as_q4_1(w)? {
-                    Some(q) => Self::new(&q),
-                    None => Ok(None),
-                };
-            }
-            _ => return Ok(None),
+            _ => return None,
         };
-        if !available() || !w.device().is_cpu() {
-            return Ok(None);
+        if !available() {
+            return None;
         }
-        let (n, k) = w.shape().dims2()?;
         let w_bytes = kind.w_bytes();
         let blocks = k / BLOCK;
-        let data = w.data()?;
         let file_blocks = k / kind.file_block();
-        if n == 0 || k % kind.file_block() != 0 || data.len() != n * file_blocks * w_bytes {
-            return Ok(None);
+        if n == 0 || !k.is_multiple_of(kind.file_block()) || data.len() != n * file_blocks * w_bytes
+        {
+            return None;
         }
         let groups = n.div_ceil(ROWS);
         let (chunks, per_block) = (kind.chunks(), kind.scales());
@@ -404,7 +412,7 @@ impl Packed {
                 }
             });
         }
-        Ok(Some(Self {
+        Some(Self {
             kind,
             n,
             k,
@@ -412,7 +420,7 @@ impl Packed {
             quants,
             scales,
             high,
-        }))
+        })
     }
 
     /// The rows `ids` dequantized, `(ids.len(), k)` (an embedding lookup), with candle's
