@@ -246,6 +246,145 @@ mod tests {
         t.flatten_all().unwrap().to_vec1().unwrap()
     }
 
+    /// An in-memory model: every tensor a test names.
+    struct Mem(std::collections::HashMap<String, candle_core::quantized::QTensor>);
+
+    impl super::super::TensorSource for Mem {
+        fn load(
+            &mut self,
+            name: &str,
+        ) -> Result<Option<candle_core::quantized::QTensor>, ModelError> {
+            Ok(self.0.remove(name))
+        }
+    }
+
+    /// A small random model with every optional part (Q/K/V biases, Q/K norms, post norms, an
+    /// untied vocabulary projection) and weights in eight formats, k-quants included.
+    fn small_model(activation: super::super::Activation) -> Transformer {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        let dev = Device::Cpu;
+        let (hidden, ff, heads, kv, hd, vocab) =
+            (256usize, 512usize, 4usize, 2usize, 64usize, 300usize);
+        let mut m = std::collections::HashMap::new();
+        let mut put = |name: String, dims: &[usize], dtype: GgmlDType, mean: f32| {
+            // Biases large enough that a path which dropped one would show it.
+            let std = if name.ends_with(".bias") { 4.0 } else { 0.5 };
+            let t = Tensor::randn(mean, std, dims, &dev).unwrap();
+            m.insert(name, QTensor::quantize(&t, dtype).unwrap());
+        };
+        put(
+            "token_embd.weight".into(),
+            &[vocab, hidden],
+            GgmlDType::Q8_0,
+            0.0,
+        );
+        put(
+            "output.weight".into(),
+            &[vocab, hidden],
+            GgmlDType::Q6K,
+            0.0,
+        );
+        put("output_norm.weight".into(), &[hidden], GgmlDType::F32, 1.0);
+        for i in 0..2 {
+            let b = |s: &str| format!("blk.{i}.{s}");
+            put(b("attn_norm.weight"), &[hidden], GgmlDType::F32, 1.0);
+            put(b("ffn_norm.weight"), &[hidden], GgmlDType::F32, 1.0);
+            put(
+                b("post_attention_norm.weight"),
+                &[hidden],
+                GgmlDType::F32,
+                1.0,
+            );
+            put(b("post_ffw_norm.weight"), &[hidden], GgmlDType::F32, 1.0);
+            put(b("attn_q_norm.weight"), &[hd], GgmlDType::F32, 1.0);
+            put(b("attn_k_norm.weight"), &[hd], GgmlDType::F32, 1.0);
+            put(b("attn_q.bias"), &[heads * hd], GgmlDType::F32, 0.0);
+            put(b("attn_k.bias"), &[kv * hd], GgmlDType::F32, 0.0);
+            put(b("attn_v.bias"), &[kv * hd], GgmlDType::F32, 0.0);
+            put(
+                b("attn_q.weight"),
+                &[heads * hd, hidden],
+                GgmlDType::Q4K,
+                0.0,
+            );
+            put(b("attn_k.weight"), &[kv * hd, hidden], GgmlDType::Q5K, 0.0);
+            put(b("attn_v.weight"), &[kv * hd, hidden], GgmlDType::Q6K, 0.0);
+            put(
+                b("attn_output.weight"),
+                &[hidden, heads * hd],
+                GgmlDType::Q4_1,
+                0.0,
+            );
+            put(b("ffn_gate.weight"), &[ff, hidden], GgmlDType::Q4_0, 0.0);
+            put(b("ffn_up.weight"), &[ff, hidden], GgmlDType::Q5_1, 0.0);
+            put(
+                b("ffn_down.weight"),
+                &[hidden, ff],
+                if i == 0 {
+                    GgmlDType::Q8_0
+                } else {
+                    GgmlDType::Q5_0
+                },
+                0.0,
+            );
+        }
+        let cfg = super::super::Config {
+            hidden,
+            n_layers: 2,
+            n_heads: heads,
+            n_kv_heads: kv,
+            head_dim: hd,
+            rms_eps: 1e-6,
+            rope_style: RopeStyle::Neox,
+            rope_base: 10_000.0,
+            rope_base_local: None,
+            rope_dims: hd,
+            activation,
+            scale_embeddings: false,
+            sliding_window: None,
+            attn_scale: 1.0 / (hd as f64).sqrt(),
+            context_length: 64,
+        };
+        Transformer::load(cfg, &mut Mem(m), &dev).unwrap()
+    }
+
+    /// The decode step against the prompt path (candle's operations, a different attention
+    /// and matmul row split) on a model with every optional part: the last position's logits
+    /// agree to rounding. A batched step gives each sequence exactly its single step's logits.
+    #[test]
+    fn decode_steps_agree_with_the_prompt_path() {
+        use super::super::Activation;
+        for act in [Activation::Silu, Activation::GeluTanh] {
+            let w = small_model(act);
+            let prompt = [5u32, 17, 42, 7, 260, 3];
+            let mut whole = w.new_cache();
+            let want = values(&w.forward(&prompt, &mut whole).unwrap());
+            let mut stepped = w.new_cache();
+            w.forward(&prompt[..5], &mut stepped).unwrap();
+            let got = values(&w.forward(&prompt[5..], &mut stepped).unwrap());
+            let range = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let diff = got
+                .iter()
+                .zip(&want)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(
+                diff <= 1e-2 * range,
+                "{act:?}: {diff} against a range of {range}"
+            );
+            // Two sequences in one batched step, each as its single step.
+            let mut a = w.new_cache();
+            let mut b = w.new_cache();
+            w.forward(&prompt[..4], &mut a).unwrap();
+            w.forward(&prompt[..2], &mut b).unwrap();
+            let (mut a1, mut b1) = (a.copy_prefix(4).unwrap(), b.copy_prefix(2).unwrap());
+            let single_a = values(&w.forward(&[9], &mut a1).unwrap());
+            let single_b = values(&w.forward(&[11], &mut b1).unwrap());
+            let batch = w.forward_batch(&[9, 11], &mut [&mut a, &mut b]).unwrap();
+            assert_eq!(values(&batch.get(0).unwrap()), single_a);
+            assert_eq!(values(&batch.get(1).unwrap()), single_b);
+        }
+    }
+
     /// The norm is candle's, bit for bit, for rows of several widths.
     #[test]
     fn rms_rows_is_candles_rms_norm() {
