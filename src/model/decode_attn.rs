@@ -299,6 +299,12 @@ unsafe fn group_with<L: Lanes, const H: usize>(
         for d in 0..hd {
             let from = kbase + d * kview.dim_stride + tile * t;
             let row = &k[from..from + tile];
+            // The next tile of this row: the rows are far apart (a stride of the cache's
+            // capacity), too many streams for the hardware prefetcher to follow.
+            let next = row.as_ptr().wrapping_add(tile);
+            for line in (0..tile).step_by(16) {
+                L::prefetch(next.wrapping_add(line));
+            }
             for (h, acc) in acc.iter_mut().enumerate() {
                 let qd = L::splat(q[h * hd + d]);
                 for (j, a) in acc.iter_mut().enumerate().take(kt) {

@@ -24,6 +24,9 @@ pub(super) trait Lanes: Copy {
     unsafe fn mul_add(self, a: Self, b: Self) -> Self;
     /// The lanes to `p`.
     unsafe fn store(self, p: *mut f32);
+    /// Ask for the cache line holding `p` (which need not be valid: a prefetch never faults).
+    #[inline(always)]
+    unsafe fn prefetch(_p: *const f32) {}
 }
 
 /// Eight lanes in a plain array: the portable fallback.
@@ -84,6 +87,10 @@ mod x86 {
         unsafe fn store(self, p: *mut f32) {
             _mm256_storeu_ps(p, self.0)
         }
+        #[inline(always)]
+        unsafe fn prefetch(p: *const f32) {
+            _mm_prefetch::<_MM_HINT_T0>(p.cast());
+        }
     }
 
     /// Sixteen lanes, AVX-512 F.
@@ -111,6 +118,10 @@ mod x86 {
         #[inline(always)]
         unsafe fn store(self, p: *mut f32) {
             _mm512_storeu_ps(p, self.0)
+        }
+        #[inline(always)]
+        unsafe fn prefetch(p: *const f32) {
+            _mm_prefetch::<_MM_HINT_T0>(p.cast());
         }
     }
 }
