@@ -118,6 +118,72 @@ fn parts<const N: usize>(v: Vec<Vec<f32>>) -> Result<[Vec<f32>; N], ModelError> 
 }
 
 impl Transformer {
+    /// Rotate each sequence's queries and keys (`q`, `k`, one row per sequence) and store its
+    /// keys and values (`v`) in its cache at layer `index`; returns the views of each cache the
+    /// sequence's query may see. Sequences are shared out over the worker pool: storing a key
+    /// writes each of its dimensions to its own row of the transposed cache, a cache miss
+    /// apiece, so two threads halve that time.
+    #[allow(clippy::too_many_arguments)]
+    fn rotate_and_store(
+        &self,
+        layer: &Layer,
+        index: usize,
+        q: &mut [f32],
+        k: &mut [f32],
+        v: &[f32],
+        caches: &mut [&mut KvCache],
+        tables: &[Rope],
+    ) -> Result<Vec<(Tensor, Tensor)>, ModelError> {
+        let cfg = &self.cfg;
+        let n = caches.len().max(1);
+        let (qw, kw) = (q.len() / n, k.len() / n);
+        type Item<'a> = (&'a mut KvCache, &'a mut [f32], &'a mut [f32], &'a [f32]);
+        let items: Vec<std::sync::Mutex<Item<'_>>> = caches
+            .iter_mut()
+            .zip(q.chunks_mut(qw.max(1)))
+            .zip(k.chunks_mut(kw.max(1)))
+            .zip(v.chunks(kw.max(1)))
+            .map(|(((c, q), k), v)| std::sync::Mutex::new((&mut **c, q, k, v)))
+            .collect();
+        type Views = Result<(Tensor, Tensor), ModelError>;
+        let results: Vec<std::sync::Mutex<Option<Views>>> = (0..items.len())
+            .map(|_| std::sync::Mutex::new(None))
+            .collect();
+        let work = |i: usize| {
+            let (Ok(mut item), Some((cos, sin))) = (items[i].lock(), tables.get(i)) else {
+                return;
+            };
+            let (cache, qi, ki, vi) = &mut *item;
+            let (dims, style, hd) = (cfg.rope_dims, cfg.rope_style, cfg.head_dim);
+            rotate(qi, hd, dims, style, cos, sin);
+            rotate(ki, hd, dims, style, cos, sin);
+            let pos = cache.len();
+            let views = cache
+                .append_values(index, ki, vi, cfg.n_kv_heads, hd)
+                .and_then(|(k_all, v_all)| visible(layer, k_all, v_all, pos, pos + 1))
+                .map(|(k_all, v_all, _)| (k_all, v_all));
+            if let Ok(mut slot) = results[i].lock() {
+                *slot = Some(views);
+            }
+        };
+        if items.len() > 1 {
+            candle_core::utils::barrier_pool().execute_chunked(items.len(), |r| r.for_each(work));
+        } else {
+            (0..items.len()).for_each(work);
+        }
+        results
+            .into_iter()
+            .map(|slot| {
+                slot.into_inner()
+                    .ok()
+                    .flatten()
+                    .unwrap_or(Err(ModelError::Internal(
+                        "a sequence's KV store did not run",
+                    )))
+            })
+            .collect()
+    }
+
     /// Whether [`Transformer::decode_step`] applies: f32 on the CPU, with host parameters.
     pub(super) fn has_decode_step(&self) -> bool {
         decode_attn::applies(&self.device, DType::F32)
@@ -154,7 +220,7 @@ impl Transformer {
                 ropes.push((layer.rope_base, tables));
             }
         }
-        let (hd, eps) = (cfg.head_dim, cfg.rms_eps);
+        let eps = cfg.rms_eps;
         let heads = self.heads();
         for (index, layer) in self.layers.iter().enumerate() {
             let p = layer
@@ -183,27 +249,7 @@ impl Transformer {
             if let Some(w) = &p.k_norm {
                 k = rms_rows(&k, w, eps);
             }
-            let (qw, kw) = (q.len() / n, k.len() / n);
-            let mut kv = Vec::with_capacity(n);
-            for (i, cache) in caches.iter_mut().enumerate() {
-                let (cos, sin) = &tables[i];
-                let dims = cfg.rope_dims;
-                rotate(
-                    &mut q[i * qw..(i + 1) * qw],
-                    hd,
-                    dims,
-                    cfg.rope_style,
-                    cos,
-                    sin,
-                );
-                let ki = &mut k[i * kw..(i + 1) * kw];
-                rotate(ki, hd, dims, cfg.rope_style, cos, sin);
-                let pos = cache.len();
-                let vi = &v[i * kw..(i + 1) * kw];
-                let (k_all, v_all) = cache.append_values(index, ki, vi, cfg.n_kv_heads, hd)?;
-                let (k_all, v_all, _) = visible(layer, k_all, v_all, pos, pos + 1)?;
-                kv.push((k_all, v_all));
-            }
+            let kv = self.rotate_and_store(layer, index, &mut q, &mut k, &v, caches, tables)?;
             let out = decode_attn::attend_values(&q, &kv, &heads)?;
             drop(kv);
             let [mut o] = parts(Linear::forward_values(&[&layer.wo], &out, n)?)?;
