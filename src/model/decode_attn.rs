@@ -4,7 +4,9 @@
 //! Through candle this is a dozen small operations per sequence and layer (two matmuls through a
 //! general GEMM with its packing, a scale, a softmax, reshapes), each with an allocation and a
 //! dispatch: for a batched step of eight sequences, most of the step's single-threaded time.
-//! Here it is one pass per (sequence, head), shared out over candle's worker pool. The single
+//! Here it is one pass per sequence, KV head and group of the query heads that share it (each
+//! key and value row read once for the group, the next key tile prefetched), shared out over
+//! candle's worker pool, with the running sums in vector registers (`lanes.rs`). The single
 //! decode path and the batched one both use it, so a sequence gets the same bits either way.
 //! The sums follow candle's order where it is known (a fused multiply-add chain per score and
 //! per output dimension, as its GEMM accumulates; the softmax total as its AVX sum adds), so
