@@ -35,11 +35,6 @@ pub(super) fn applies(device: &Device, dtype: DType) -> bool {
     device.is_cpu() && dtype == DType::F32
 }
 
-/// A tensor's f32 values.
-fn values(t: &Tensor) -> Result<Vec<f32>, ModelError> {
-    Ok(super::f32_values(t)?)
-}
-
 /// Where a view's elements lie in its storage: element (head, key, dim) is at
 /// `offset + head * head_stride + key * key_stride + dim * dim_stride`.
 #[derive(Clone, Copy)]
@@ -94,29 +89,16 @@ impl View {
     }
 }
 
-/// `softmax(q k^T * scale) v` for each sequence: `q` is `(n, n_heads, 1, head_dim)` (sequence
-/// `i`'s query heads in row `i`), `kv[i]` that sequence's visible keys and values, views of its
-/// cache: keys transposed `(1, n_kv_heads, head_dim, keys)`, values
-/// `(1, n_kv_heads, keys, head_dim)`. Query head `h` reads KV head
-/// `h / (n_heads / n_kv_heads)`. Returns `(n, 1, n_heads * head_dim)`.
+/// `softmax(q k^T * scale) v` for each sequence: `q` holds `n` rows of `n_heads * head_dim`
+/// values, row-major (sequence `i`'s query heads in row `i`), `kv[i]` that sequence's visible
+/// keys and values, views of its cache: keys transposed `(1, n_kv_heads, head_dim, keys)`,
+/// values `(1, n_kv_heads, keys, head_dim)`. Query head `h` reads KV head
+/// `h / (n_heads / n_kv_heads)`. Returns the outputs likewise, `n` rows of
+/// `n_heads * head_dim`.
 ///
 /// # Errors
-/// Tensors not on the CPU, not f32, or shaped otherwise.
+/// Caches not on the CPU, not f32, or shaped otherwise; a query that does not fit them.
 pub(super) fn attend(
-    q: &Tensor,
-    kv: &[(Tensor, Tensor)],
-    heads: &Heads,
-) -> Result<Tensor, ModelError> {
-    let out = attend_values(&values(q)?, kv, heads)?;
-    let (n, width) = (kv.len(), heads.n_heads * heads.head_dim);
-    Ok(Tensor::from_vec(out, (n, 1, width), &Device::Cpu)?)
-}
-
-/// [`attend`] for queries at hand, `(n, n_heads * head_dim)` row-major; the result likewise.
-///
-/// # Errors
-/// As [`attend`].
-pub(super) fn attend_values(
     q: &[f32],
     kv: &[(Tensor, Tensor)],
     heads: &Heads,
@@ -414,6 +396,11 @@ pub(super) fn softmax_sum(xs: &[f32]) -> f32 {
 mod tests {
     use super::*;
 
+    /// A tensor's f32 values.
+    fn values(t: &Tensor) -> Result<Vec<f32>, ModelError> {
+        Ok(crate::model::f32_values(t)?)
+    }
+
     /// Against candle's own ops on a grouped-query case with a cache view that is narrower than
     /// its storage (a sliding window over a cache with spare capacity), with key counts from one
     /// to above the 32 of a softmax block. The
@@ -445,9 +432,8 @@ mod tests {
             kv.push((k, v));
         }
         let q = Tensor::cat(&qs, 0).unwrap();
-        let got = attend(&q, &kv, &heads).unwrap();
-        assert_eq!(got.dims(), &[6, 1, 96]);
-        let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let got = attend(&values(&q).unwrap(), &kv, &heads).unwrap();
+        assert_eq!(got.len(), 6 * 96);
         for (i, (a, b)) in got.iter().zip(&want).enumerate() {
             assert!((a - b).abs() < 1e-5, "{i}: {a} vs {b}");
         }
@@ -532,11 +518,11 @@ mod tests {
         let k = Tensor::zeros((1, 2, 8, 3), DType::F32, &dev).unwrap();
         let v = Tensor::zeros((1, 2, 3, 8), DType::F32, &dev).unwrap();
         let q = Tensor::zeros((1, 4, 1, 8), DType::F32, &dev).unwrap();
-        assert!(attend(&q, &[(k.clone(), v.clone())], &heads).is_ok());
+        assert!(attend(&values(&q).unwrap(), &[(k.clone(), v.clone())], &heads).is_ok());
         let q = Tensor::zeros((2, 4, 1, 8), DType::F32, &dev).unwrap();
-        assert!(attend(&q, &[(k.clone(), v.clone())], &heads).is_err());
+        assert!(attend(&values(&q).unwrap(), &[(k.clone(), v.clone())], &heads).is_err());
         // Keys not transposed.
         let q = Tensor::zeros((1, 4, 1, 8), DType::F32, &dev).unwrap();
-        assert!(attend(&q, &[(v.clone(), v)], &heads).is_err());
+        assert!(attend(&values(&q).unwrap(), &[(v.clone(), v)], &heads).is_err());
     }
 }

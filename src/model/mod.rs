@@ -200,13 +200,9 @@ fn candle_dtype(code: u32) -> Option<GgmlDType> {
 }
 
 impl GgufTensors<'_> {
-    /// The named tensor's candle type and shape (outermost first), its bytes read into `buf`
-    /// when `read` says so; `None` when the file lacks it.
-    fn fetch(
-        &mut self,
-        name: &str,
-        read: impl Fn(GgmlDType, &[usize]) -> bool,
-    ) -> Result<Option<(GgmlDType, Vec<usize>, bool)>, ModelError> {
+    /// The named tensor's candle type and shape (outermost first); `None` when the file lacks
+    /// it.
+    fn shape(&self, name: &str) -> Result<Option<(GgmlDType, Vec<usize>)>, ModelError> {
         let Some(info) = self.file.tensor(name) else {
             return Ok(None);
         };
@@ -214,10 +210,18 @@ impl GgufTensors<'_> {
             name: name.to_string(),
             ty: info.dtype.name().to_string(),
         })?;
-        let dims: Vec<usize> = info.dims.iter().rev().map(|&d| d as usize).collect();
-        if !read(dtype, &dims) {
-            return Ok(Some((dtype, dims, false)));
-        }
+        Ok(Some((
+            dtype,
+            info.dims.iter().rev().map(|&d| d as usize).collect(),
+        )))
+    }
+
+    /// The named tensor's stored bytes into `buf`.
+    fn read(&mut self, name: &str) -> Result<(), ModelError> {
+        let info = self
+            .file
+            .tensor(name)
+            .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
         let fail = |source| ModelError::Read {
             name: name.to_string(),
             path: self.path.display().to_string(),
@@ -228,12 +232,9 @@ impl GgufTensors<'_> {
         self.reader
             .seek(SeekFrom::Start(info.offset))
             .map_err(fail)?;
-        self.reader.read_exact(&mut self.buf).map_err(fail)?;
-        Ok(Some((dtype, dims, true)))
+        self.reader.read_exact(&mut self.buf).map_err(fail)
     }
-}
 
-impl GgufTensors<'_> {
     /// The buffer is kept for the next tensor unless it holds a large one (a vocabulary): that
     /// would add its size to the peak memory of the rest of the load.
     fn release_large(&mut self) {
@@ -246,23 +247,24 @@ impl GgufTensors<'_> {
 
 impl TensorSource for GgufTensors<'_> {
     fn load(&mut self, name: &str) -> Result<Option<QTensor>, ModelError> {
-        let Some((dtype, dims, _)) = self.fetch(name, |_, _| true)? else {
+        let Some((dtype, dims)) = self.shape(name)? else {
             return Ok(None);
         };
+        self.read(name)?;
         let t = qtensor_from_ggml(dtype, &self.buf, dims, &self.device);
         self.release_large();
         Ok(Some(t?))
     }
 
     fn packed(&mut self, name: &str) -> Result<Option<Packed>, ModelError> {
-        if !self.device.is_cpu() {
+        let Some((dtype, dims)) = self.shape(name)? else {
+            return Ok(None);
+        };
+        if !self.device.is_cpu() || dims.len() != 2 || !Packed::takes(dtype) {
             return Ok(None);
         }
-        let matrix = |dtype, dims: &[usize]| dims.len() == 2 && Packed::takes(dtype);
-        let packed = match self.fetch(name, matrix)? {
-            Some((dtype, dims, true)) => Packed::from_bytes(dtype, dims[0], dims[1], &self.buf),
-            _ => None,
-        };
+        self.read(name)?;
+        let packed = Packed::from_bytes(dtype, dims[0], dims[1], &self.buf);
         self.release_large();
         Ok(packed)
     }

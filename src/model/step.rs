@@ -250,7 +250,7 @@ impl Transformer {
                 k = rms_rows(&k, w, eps);
             }
             let kv = self.rotate_and_store(layer, index, &mut q, &mut k, &v, caches, tables)?;
-            let out = decode_attn::attend_values(&q, &kv, &heads)?;
+            let out = decode_attn::attend(&q, &kv, &heads)?;
             drop(kv);
             let [mut o] = parts(Linear::forward_values(&[&layer.wo], &out, n)?)?;
             if let Some(w) = &p.post_attn_norm {

@@ -158,12 +158,41 @@ pub trait TensorSource {
     }
 }
 
-/// The named weight matrix, packed where the kernel takes it.
-fn matrix(src: &mut dyn TensorSource, name: &str) -> Result<Linear, ModelError> {
+/// The named weight matrix, packed where the kernel takes it; `None` when the file lacks it.
+fn optional_matrix(src: &mut dyn TensorSource, name: &str) -> Result<Option<Linear>, ModelError> {
     if let Some(p) = src.packed(name)? {
-        return Ok(Linear::Packed(Arc::new(p)));
+        return Ok(Some(Linear::Packed(Arc::new(p))));
     }
-    Ok(Linear::new(Arc::new(required(src, name)?))?)
+    Ok(src
+        .load(name)?
+        .map(|t| Linear::new(Arc::new(t)))
+        .transpose()?)
+}
+
+/// [`optional_matrix`] for a matrix the architecture needs.
+fn matrix(src: &mut dyn TensorSource, name: &str) -> Result<Linear, ModelError> {
+    optional_matrix(src, name)?.ok_or_else(|| ModelError::MissingTensor(name.to_string()))
+}
+
+/// A tied embedding and vocabulary projection: one packed copy serves both where the kernel
+/// takes the format (the file's copy is not held through the rest of the load), else the
+/// quantized tensor does.
+fn tied(src: &mut dyn TensorSource, name: &str) -> Result<(Embedding, Linear), ModelError> {
+    let packed = match src.packed(name)? {
+        Some(p) => p,
+        None => {
+            let embed = required(src, name)?;
+            match Packed::new(&embed)? {
+                Some(p) => p,
+                None => {
+                    let e = Arc::new(embed);
+                    return Ok((Embedding::Quantized(e.clone()), Linear::new(e)?));
+                }
+            }
+        }
+    };
+    let p = Arc::new(packed);
+    Ok((Embedding::Packed(p.clone()), Linear::Packed(p)))
 }
 
 fn required(src: &mut dyn TensorSource, name: &str) -> Result<QTensor, ModelError> {
@@ -194,56 +223,14 @@ impl Transformer {
         device: &Device,
     ) -> Result<Self, ModelError> {
         const EMBED: &str = "token_embd.weight";
-        let untied = match src.packed("output.weight")? {
-            Some(p) => Some(Linear::Packed(Arc::new(p))),
-            None => match src.load("output.weight")? {
-                Some(t) => Some(Linear::new(Arc::new(t))?),
-                None => None,
-            },
-        };
-        let (embed, output) = match untied {
+        let (embed, output) = match optional_matrix(src, "output.weight")? {
             Some(output) => (
                 Embedding::Quantized(Arc::new(required(src, EMBED)?)),
                 output,
             ),
             // Tied: one copy serves the lookups and the vocabulary projection.
-            None => {
-                let packed = match src.packed(EMBED)? {
-                    Some(p) => p,
-                    None => {
-                        let embed = required(src, EMBED)?;
-                        match Packed::new(&embed)? {
-                            // The file's copy is not held through the rest of the load.
-                            Some(p) => p,
-                            None => {
-                                let e = Arc::new(embed);
-                                let out = Linear::new(e.clone())?;
-                                return Self::load_rest(
-                                    cfg,
-                                    src,
-                                    device,
-                                    Embedding::Quantized(e),
-                                    out,
-                                );
-                            }
-                        }
-                    }
-                };
-                let p = Arc::new(packed);
-                (Embedding::Packed(p.clone()), Linear::Packed(p))
-            }
+            None => tied(src, EMBED)?,
         };
-        Self::load_rest(cfg, src, device, embed, output)
-    }
-
-    /// [`Transformer::load`] after the embedding and the vocabulary projection.
-    fn load_rest(
-        cfg: Config,
-        src: &mut dyn TensorSource,
-        device: &Device,
-        embed: Embedding,
-        output: Linear,
-    ) -> Result<Self, ModelError> {
         let out_norm = dense(required(src, "output_norm.weight")?, device)?;
         let rope_freqs = match src.load("rope_freqs.weight")? {
             Some(t) => Some(
@@ -469,10 +456,7 @@ impl Transformer {
             let (k_all, v_all, _) = visible(layer, k_all, v_all, pos, pos + 1)?;
             kv.push((k_all, v_all));
         }
-        if decode_attn::applies(&self.device, q.dtype()) {
-            let out = decode_attn::attend(&q, &kv, &self.heads())?;
-            return Ok(layer.wo.forward(&out)?);
-        }
+        // (On the CPU, decode steps take `step.rs` instead.)
         let group = cfg.n_heads / cfg.n_kv_heads;
         let mut outs = Vec::with_capacity(kv.len());
         for (i, (k_all, v_all)) in kv.iter().enumerate() {
@@ -588,11 +572,6 @@ impl Transformer {
         let k = self.rotate(&k, &cos, &sin)?;
         let (k_all, v_all) = pass.cache.append(index, &k, &v)?;
         let (k_all, v_all, start) = visible(layer, k_all, v_all, pos, pos + seq_len)?;
-        if b == 1 && seq_len == 1 && decode_attn::applies(&self.device, q.dtype()) {
-            // One new token: the same attention as a batched step's.
-            let out = decode_attn::attend(&q, &[(k_all, v_all)], &self.heads())?;
-            return Ok(layer.wo.forward(&out)?);
-        }
         // Grouped-query attention without copying keys: the `group` query heads that share a KV
         // head are consecutive, so (heads, seq) folds into (kv_heads, group * seq) rows.
         let group = cfg.n_heads / cfg.n_kv_heads;

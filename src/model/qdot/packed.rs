@@ -254,16 +254,16 @@ pub(super) fn kernel() -> Option<Kernel> {
     static KERNEL: std::sync::OnceLock<Option<Kernel>> = std::sync::OnceLock::new();
     *KERNEL.get_or_init(|| {
         let avx2 = super::cpu_has!("avx2", "fma", "f16c");
+        let vnni256 = avx2 && super::cpu_has!("avxvnni");
         let best = if super::cpu_has!("avx512f", "avx512bw", "avx512vnni") {
             Some(Kernel::Avx512)
-        } else if avx2 && super::cpu_has!("avxvnni") {
+        } else if vnni256 {
             Some(Kernel::AvxVnni)
         } else if avx2 {
             Some(Kernel::Avx2)
         } else {
             None
         };
-        let vnni256 = avx2 && super::cpu_has!("avxvnni");
         match std::env::var("LLMGENIE_CPU_KERNEL").as_deref() {
             Ok("avxvnni") if vnni256 => Some(Kernel::AvxVnni),
             Ok("avx2") if avx2 => Some(Kernel::Avx2),
