@@ -10,7 +10,7 @@ use llmgenie::engine::{Engine, Event, GenerateRequest};
 use llmgenie::gguf::{summarize, GgufFile};
 use llmgenie::model::select_device;
 
-use super::{chat_loop, BenchArgs, Cli, Command, ModelArgs, RunArgs};
+use super::{chat_loop, BenchArgs, Cli, Command, ModelArgs, RunArgs, RuntimeArgs};
 
 pub fn dispatch(cli: Cli) -> Result<()> {
     let verbose = cli.verbose;
@@ -33,7 +33,13 @@ fn catalog(dir: Option<PathBuf>) -> Result<Catalog> {
     Ok(Catalog::load(&dir.unwrap_or_else(models_dir))?)
 }
 
-pub(super) fn set_threads(threads: Option<usize>) -> Result<()> {
+/// The process-wide runtime settings: compute threads and how KV caches store their values.
+pub(super) fn apply_runtime(runtime: &RuntimeArgs) -> Result<()> {
+    llmgenie::model::set_cache_type(runtime.kv_cache_type);
+    set_threads(runtime.threads)
+}
+
+fn set_threads(threads: Option<usize>) -> Result<()> {
     let threads = threads.or_else(|| {
         // Without the variable, candle works out its default thread count (physical cores,
         // from /proc/cpuinfo) again at every operation: ~150 file reads per decode step.
@@ -71,7 +77,7 @@ fn resolve(args: &ModelArgs) -> Result<(String, PathBuf)> {
 }
 
 pub(super) fn start_engine(args: &ModelArgs, verbose: bool) -> Result<Engine> {
-    set_threads(args.runtime.threads)?;
+    apply_runtime(&args.runtime)?;
     let (name, path) = resolve(args)?;
     let device = select_device(args.runtime.device)?;
     let engine = Engine::start(&name, &path, device)?;
@@ -194,7 +200,7 @@ fn list(dir: Option<PathBuf>) -> Result<()> {
 }
 
 fn bench(args: BenchArgs) -> Result<()> {
-    set_threads(args.model.runtime.threads)?;
+    apply_runtime(&args.model.runtime)?;
     let (name, path) = resolve(&args.model)?;
     let device = select_device(args.model.runtime.device)?;
     let cfg = llmgenie::bench::BenchConfig {

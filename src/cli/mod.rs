@@ -9,7 +9,7 @@ mod serve;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use llmgenie::model::DeviceChoice;
+use llmgenie::model::{DeviceChoice, KvCacheType};
 use llmgenie::sampler::SamplingParams;
 
 pub use commands::dispatch;
@@ -211,6 +211,10 @@ pub struct RuntimeArgs {
     /// Where model files live (default: ./models).
     #[arg(long, env = "LLMGENIE_MODELS")]
     pub models_dir: Option<PathBuf>,
+    /// How the KV cache stores keys and values on the CPU: f16 (half the memory, faster decode
+    /// steps; as llama.cpp and Ollama store them) or f32.
+    #[arg(long, env = "LLMGENIE_KV_CACHE_TYPE", default_value = "f16")]
+    pub kv_cache_type: KvCacheType,
 }
 
 #[derive(Args, Debug)]

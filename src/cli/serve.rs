@@ -9,11 +9,11 @@ use llmgenie::registry::{Budget, KeepAlive, Registry};
 use llmgenie::server::routed::Routing;
 use llmgenie::server::{self, AppState, Limits};
 
-use super::commands::set_threads;
+use super::commands::apply_runtime;
 use super::ServeArgs;
 
 pub fn serve(args: ServeArgs) -> Result<()> {
-    set_threads(args.runtime.threads)?;
+    apply_runtime(&args.runtime)?;
     let catalog = Catalog::load(&args.runtime.models_dir.clone().unwrap_or_else(models_dir))?;
     let device = select_device(args.runtime.device)?;
     let models = if args.models.is_empty() {

@@ -152,6 +152,7 @@ mod tests {
     fn keys(c: &mut KvCache) -> Vec<f32> {
         let one = Tensor::zeros((1, 1, 1, 1), DType::F32, &Device::Cpu).unwrap();
         let (k, _) = c.append(0, &one, &one).unwrap();
+        let k = k.to_dtype(DType::F32).unwrap();
         let mut v: Vec<f32> = k.flatten_all().unwrap().to_vec1().unwrap();
         v.pop();
         v

@@ -5,6 +5,13 @@
 //! (`(1, kv_heads, head_dim, capacity)`): a decode step scores a query against many keys at
 //! once, and with each dimension's values for consecutive positions side by side those scores
 //! are plain vector multiply-adds; for prompts the transposed keys are what `q @ k^T` wants.
+//!
+//! On the CPU keys and values are stored as f16 by default, as llama.cpp and Ollama store them:
+//! half the memory per position, and half the bytes a decode step's attention reads, which
+//! with several sequences or a long context is most of its time. `--kv-cache-type f32` keeps
+//! them as computed.
+
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use candle_core::{bail, CpuStorage, DType, Device, InplaceOp1, Layout, Tensor};
 
@@ -24,18 +31,75 @@ struct LayerCache {
 const K_POS: usize = 3;
 const V_POS: usize = 2;
 
+/// How keys and values are stored on the CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvCacheType {
+    /// Half precision: half the memory, and faster decode steps (the default).
+    #[default]
+    F16,
+    /// As computed, single precision.
+    F32,
+}
+
+impl KvCacheType {
+    /// The storage type for values computed as `dtype` on `device`: f16 applies on the CPU.
+    fn storage(self, dtype: DType, device: &Device) -> DType {
+        match self {
+            Self::F16 if device.is_cpu() && dtype == DType::F32 => DType::F16,
+            _ => dtype,
+        }
+    }
+}
+
+impl std::str::FromStr for KvCacheType {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "f16" => Ok(Self::F16),
+            "f32" => Ok(Self::F32),
+            other => Err(format!("unknown KV cache type {other:?} (f16 or f32)")),
+        }
+    }
+}
+
+/// The process-wide choice that new caches follow (`--kv-cache-type`).
+static CACHE_TYPE: AtomicU8 = AtomicU8::new(0);
+
+/// Set how caches created from now on store keys and values.
+pub fn set_cache_type(t: KvCacheType) {
+    CACHE_TYPE.store(t as u8, Ordering::Relaxed);
+}
+
+/// How caches created now store keys and values.
+pub fn cache_type() -> KvCacheType {
+    if CACHE_TYPE.load(Ordering::Relaxed) == KvCacheType::F32 as u8 {
+        KvCacheType::F32
+    } else {
+        KvCacheType::F16
+    }
+}
+
 /// The KV cache of one sequence.
 pub struct KvCache {
     layers: Vec<Option<LayerCache>>,
     /// Positions already stored (the same in every layer once a forward pass ends).
     len: usize,
+    kind: KvCacheType,
 }
 
 impl KvCache {
+    /// An empty cache that stores keys and values as [`cache_type`] says.
     pub fn new(n_layers: usize) -> Self {
+        Self::with_type(n_layers, cache_type())
+    }
+
+    /// An empty cache that stores keys and values as `kind`.
+    pub fn with_type(n_layers: usize, kind: KvCacheType) -> Self {
         Self {
             layers: (0..n_layers).map(|_| None).collect(),
             len: 0,
+            kind,
         }
     }
 
@@ -84,7 +148,11 @@ impl KvCache {
             }
             layers.push(Some(LayerCache { k, v }));
         }
-        Ok(Self { layers, len: n })
+        Ok(Self {
+            layers,
+            len: n,
+            kind: self.kind,
+        })
     }
 
     pub(crate) fn advance(&mut self, n: usize) {
@@ -93,7 +161,8 @@ impl KvCache {
 
     /// Store `k`, `v` (`(1, kv_heads, n, head_dim)`) for layer `layer` after the current
     /// positions and return views over all stored positions: the keys transposed
-    /// (`(1, kv_heads, head_dim, total)`), the values as given (`(1, kv_heads, total, head_dim)`).
+    /// (`(1, kv_heads, head_dim, total)`), the values as given (`(1, kv_heads, total, head_dim)`),
+    /// both of the storage type (f16 where the cache stores halves: callers convert).
     pub(crate) fn append(
         &mut self,
         layer: usize,
@@ -107,8 +176,13 @@ impl KvCache {
         }
         let len = self.len;
         let c = self.reserve(layer, (b, heads, n, dim), k.dtype(), k.device())?;
-        c.k.slice_set(&k.transpose(2, 3)?.contiguous()?, K_POS, len)?;
-        c.v.slice_set(&v.contiguous()?, V_POS, len)?;
+        let dtype = c.k.dtype();
+        c.k.slice_set(
+            &k.transpose(2, 3)?.to_dtype(dtype)?.contiguous()?,
+            K_POS,
+            len,
+        )?;
+        c.v.slice_set(&v.to_dtype(dtype)?.contiguous()?, V_POS, len)?;
         Ok((
             c.k.narrow(K_POS, 0, len + n)?,
             c.v.narrow(V_POS, 0, len + n)?,
@@ -147,8 +221,8 @@ impl KvCache {
         ))
     }
 
-    /// Layer `layer`'s storage with room for `n` more positions (of `(b, heads, n, dim)`),
-    /// doubled when it is full.
+    /// Layer `layer`'s storage with room for `n` more positions (of `(b, heads, n, dim)`,
+    /// computed as `dtype`), doubled when it is full.
     fn reserve(
         &mut self,
         layer: usize,
@@ -166,6 +240,7 @@ impl KvCache {
             None => true,
         };
         if grow {
+            let dtype = self.kind.storage(dtype, device);
             let old_cap = slot.as_ref().map_or(0, |c| c.v.dims()[V_POS]);
             let cap = needed.max(old_cap * 2).max(MIN_CAPACITY);
             let nk = Tensor::zeros((b, heads, dim, cap), dtype, device)?;
@@ -184,8 +259,8 @@ impl KvCache {
 }
 
 /// Writes new positions' keys or values, `src` `(heads, n, head_dim)` row-major, into a layer's
-/// f32 storage at position `pos`: transposed for keys (`(1, heads, head_dim, capacity)`), as
-/// they are for values (`(1, heads, capacity, head_dim)`).
+/// f32 or f16 storage at position `pos`: transposed for keys (`(1, heads, head_dim, capacity)`),
+/// as they are for values (`(1, heads, capacity, head_dim)`).
 struct Store<'a> {
     src: &'a [f32],
     heads: usize,
@@ -200,9 +275,21 @@ impl InplaceOp1 for Store<'_> {
     }
 
     fn cpu_fwd(&self, dst: &mut CpuStorage, dst_l: &Layout) -> candle_core::Result<()> {
-        let CpuStorage::F32(dst) = dst else {
-            bail!("kv cache store: f32 storage expected")
-        };
+        match dst {
+            CpuStorage::F32(dst) => self.put(dst, dst_l, |x| x),
+            CpuStorage::F16(dst) => self.put(dst, dst_l, half::f16::from_f32),
+            _ => bail!("kv cache store: f32 or f16 storage expected"),
+        }
+    }
+}
+
+impl Store<'_> {
+    fn put<E: Copy>(
+        &self,
+        dst: &mut [E],
+        dst_l: &Layout,
+        from: impl Fn(f32) -> E,
+    ) -> candle_core::Result<()> {
         let Some((d0, d1)) = dst_l.contiguous_offsets() else {
             bail!("kv cache store: contiguous storage expected")
         };
@@ -218,12 +305,14 @@ impl InplaceOp1 for Store<'_> {
                 let head = &mut dst[h * dim * cap..(h + 1) * dim * cap];
                 for (i, row) in rows.chunks_exact(dim).enumerate() {
                     for (d, &x) in row.iter().enumerate() {
-                        head[d * cap + pos + i] = x;
+                        head[d * cap + pos + i] = from(x);
                     }
                 }
             } else {
                 let at = (h * cap + pos) * dim;
-                dst[at..at + n * dim].copy_from_slice(rows);
+                for (d, &x) in dst[at..at + n * dim].iter_mut().zip(rows) {
+                    *d = from(x);
+                }
             }
         }
         Ok(())
@@ -238,11 +327,22 @@ mod tests {
     use super::*;
 
     /// Appends of a few positions, one, and enough to grow the storage twice: the views hold
-    /// every position appended, keys transposed, in order; a prefix copy holds the first ones.
+    /// every position appended, keys transposed, in order (as f16 when the cache stores halves:
+    /// each value rounded once); a prefix copy holds the first ones.
     #[test]
     fn appends_land_at_their_positions() {
+        for kind in [KvCacheType::F32, KvCacheType::F16] {
+            appends_land(kind);
+        }
+    }
+
+    fn appends_land(kind: KvCacheType) {
         let dev = Device::Cpu;
-        let mut cache = KvCache::new(2);
+        let mut cache = KvCache::with_type(2, kind);
+        let stored = match kind {
+            KvCacheType::F32 => DType::F32,
+            KvCacheType::F16 => DType::F16,
+        };
         let (mut ks, mut vs) = (Vec::new(), Vec::new());
         for n in [3usize, 1, 70, 1, 90] {
             let k = Tensor::randn(0f32, 1.0, (1, 2, n, 8), &dev).unwrap();
@@ -254,7 +354,8 @@ mod tests {
             let want_k = Tensor::cat(&ks, 2).unwrap().transpose(2, 3).unwrap();
             let want_v = Tensor::cat(&vs, 2).unwrap();
             let diff = |a: &Tensor, b: &Tensor| {
-                (a - b)
+                let b = b.to_dtype(stored).unwrap().to_dtype(DType::F32).unwrap();
+                (a.to_dtype(DType::F32).unwrap() - b)
                     .unwrap()
                     .abs()
                     .unwrap()
@@ -263,6 +364,7 @@ mod tests {
                     .to_scalar::<f32>()
                     .unwrap()
             };
+            assert_eq!(k_all.dtype(), stored);
             assert_eq!(k_all.dims(), want_k.dims());
             assert_eq!(diff(&k_all, &want_k), 0.0);
             assert_eq!(diff(&v_all, &want_v), 0.0);
@@ -271,6 +373,8 @@ mod tests {
         let (k_all, _) = copy.layers[1].as_ref().map(|c| (&c.k, &c.v)).unwrap();
         let want = Tensor::cat(&ks, 2).unwrap().narrow(2, 0, 4).unwrap();
         let got = k_all.narrow(K_POS, 0, 4).unwrap().transpose(2, 3).unwrap();
+        let want = want.to_dtype(stored).unwrap().to_dtype(DType::F32).unwrap();
+        let got = got.to_dtype(DType::F32).unwrap();
         let d = (got - want).unwrap().abs().unwrap().max_all().unwrap();
         assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
     }

@@ -11,12 +11,14 @@
 //! The sums follow candle's order where it is known (a fused multiply-add chain per score and
 //! per output dimension, as its GEMM accumulates; the softmax total as its AVX sum adds), so
 //! results differ from candle's by an ulp at most here and there, and greedy answers match.
-//! The exponentials are `fused::exp`'s (vectorised, within 3 ulp of libm's).
+//! The exponentials are `fused::exp`'s (vectorised, within 3 ulp of libm's). Caches stored as
+//! f16 are widened as they are read (exactly: every f16 is an f32), so a sequence's result is
+//! the same whether its cache holds halves or the same values as f32.
 #![allow(unsafe_code)]
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use candle_core::{DType, Device, Storage, Tensor};
+use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 
 use super::lanes::{Lanes, Portable};
 use super::ModelError;
@@ -30,7 +32,7 @@ pub(super) struct Heads {
     pub scale: f32,
 }
 
-/// Whether this path applies: f32 tensors on the CPU.
+/// Whether this path applies: f32 tensors on the CPU (in caches of f32 or f16).
 pub(super) fn applies(device: &Device, dtype: DType) -> bool {
     device.is_cpu() && dtype == DType::F32
 }
@@ -97,7 +99,7 @@ impl View {
 /// `n_heads * head_dim`.
 ///
 /// # Errors
-/// Caches not on the CPU, not f32, or shaped otherwise; a query that does not fit them.
+/// Caches not on the CPU, not f32 or f16, or shaped otherwise; a query that does not fit them.
 pub(super) fn attend(
     q: &[f32],
     kv: &[(Tensor, Tensor)],
@@ -125,19 +127,27 @@ pub(super) fn attend(
             vview,
         ));
     }
-    let mut caches: Vec<(&[f32], &[f32], View, View)> = Vec::with_capacity(n);
+    let mut caches: Vec<(Slices<'_>, View, View)> = Vec::with_capacity(n);
     for (ks, vs, kview, vview) in &guards {
-        match (&**ks, &**vs) {
-            (Storage::Cpu(k), Storage::Cpu(v)) => {
-                caches.push((k.as_slice::<f32>()?, v.as_slice::<f32>()?, *kview, *vview));
+        let slices = match (&**ks, &**vs) {
+            (Storage::Cpu(CpuStorage::F32(k)), Storage::Cpu(CpuStorage::F32(v))) => {
+                Slices::F32(k, v)
             }
-            _ => return Err(ModelError::Internal("kv cache is not on the CPU")),
-        }
+            (Storage::Cpu(CpuStorage::F16(k)), Storage::Cpu(CpuStorage::F16(v))) => {
+                Slices::F16(k, v)
+            }
+            _ => {
+                return Err(ModelError::Internal(
+                    "kv cache is not f32 or f16 on the CPU",
+                ))
+            }
+        };
+        caches.push((slices, *kview, *vview));
     }
-    if caches
-        .iter()
-        .any(|(k, v, kv_, vv)| kv_.end(heads) > k.len() || vv.end(heads) > v.len())
-    {
+    if caches.iter().any(|(s, kv_, vv)| {
+        let (k, v) = s.lens();
+        kv_.end(heads) > k || vv.end(heads) > v
+    }) {
         return Err(ModelError::Internal("kv cache view exceeds its storage"));
     }
     // Work items: (sequence, KV head, piece of that KV head's query heads). A piece's heads read
@@ -159,22 +169,18 @@ pub(super) fn attend(
             let (kv_head, p) = (rest / per_kv, rest % per_kv);
             let first = kv_head * group + p * piece;
             let count = piece.min(kv_head * group + group - first);
-            let (k, v, kview, vview) = caches[seq];
+            let (slices, kview, vview) = caches[seq];
             let qs = &q[(seq * nh + first) * hd..(seq * nh + first + count) * hd];
-            let at = Kv {
-                k,
-                v,
-                kview,
-                vview,
-                kv_head,
-                scale: heads.scale,
-            };
             let out = &mut out[..count * hd];
-            match count {
-                1 => one_group::<1>(qs, &at, &mut scores, out),
-                2 => one_group::<2>(qs, &at, &mut scores, out),
-                3 => one_group::<3>(qs, &at, &mut scores, out),
-                _ => one_group::<4>(qs, &at, &mut scores, out),
+            match slices {
+                Slices::F32(k, v) => {
+                    let at = Kv::new(k, v, kview, vview, kv_head, heads.scale);
+                    by_count(count, qs, &at, &mut scores, out);
+                }
+                Slices::F16(k, v) => {
+                    let at = Kv::new(k, v, kview, vview, kv_head, heads.scale);
+                    by_count(count, qs, &at, &mut scores, out);
+                }
             }
             let base = (seq * nh + first) * hd;
             for (d, &x) in out.iter().enumerate() {
@@ -191,55 +197,131 @@ pub(super) fn attend(
 /// Most query heads that one work item handles together.
 const MAX_PIECE: usize = 4;
 
+/// A cache's key and value storage.
+#[derive(Clone, Copy)]
+enum Slices<'a> {
+    F32(&'a [f32], &'a [f32]),
+    F16(&'a [half::f16], &'a [half::f16]),
+}
+
+impl Slices<'_> {
+    fn lens(&self) -> (usize, usize) {
+        match self {
+            Self::F32(k, v) => (k.len(), v.len()),
+            Self::F16(k, v) => (k.len(), v.len()),
+        }
+    }
+}
+
+/// What a cache stores: f32 or f16, read as f32 lanes.
+trait Elem: Copy {
+    /// `L::LANES` values from `p`, as f32.
+    ///
+    /// # Safety
+    /// The CPU has `L`'s instruction set; `p` points at `L::LANES` readable values.
+    unsafe fn lanes<L: Lanes>(p: *const Self) -> L;
+    fn f32(self) -> f32;
+}
+
+impl Elem for f32 {
+    #[inline(always)]
+    unsafe fn lanes<L: Lanes>(p: *const Self) -> L {
+        L::load(p)
+    }
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        self
+    }
+}
+
+impl Elem for half::f16 {
+    #[inline(always)]
+    unsafe fn lanes<L: Lanes>(p: *const Self) -> L {
+        L::load_f16(p.cast())
+    }
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        self.to_f32()
+    }
+}
+
 /// One KV head of one sequence's cache, and the softmax scale.
-struct Kv<'a> {
-    k: &'a [f32],
-    v: &'a [f32],
+struct Kv<'a, E> {
+    k: &'a [E],
+    v: &'a [E],
     kview: View,
     vview: View,
     kv_head: usize,
     scale: f32,
 }
 
+impl<'a, E> Kv<'a, E> {
+    fn new(k: &'a [E], v: &'a [E], kview: View, vview: View, kv_head: usize, scale: f32) -> Self {
+        Self {
+            k,
+            v,
+            kview,
+            vview,
+            kv_head,
+            scale,
+        }
+    }
+}
+
+/// [`one_group`] for `count` (1 to 4) heads.
+fn by_count<E: Elem>(count: usize, q: &[f32], at: &Kv<'_, E>, s: &mut Vec<f32>, out: &mut [f32]) {
+    match count {
+        1 => one_group::<E, 1>(q, at, s, out),
+        2 => one_group::<E, 2>(q, at, s, out),
+        3 => one_group::<E, 3>(q, at, s, out),
+        _ => one_group::<E, 4>(q, at, s, out),
+    }
+}
+
 /// `H` query heads (`q`, consecutive, `head_dim` each) over the same KV head: scores, softmax
 /// and the weighted sum of values into `out` (the heads' outputs, consecutive), with the widest
 /// vectors this CPU has.
-fn one_group<const H: usize>(q: &[f32], at: &Kv<'_>, scores: &mut Vec<f32>, out: &mut [f32]) {
+fn one_group<E: Elem, const H: usize>(
+    q: &[f32],
+    at: &Kv<'_, E>,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
     #[cfg(target_arch = "x86_64")]
     {
         if super::qdot::cpu_has!("avx512f") {
             // SAFETY: the CPU has AVX-512 F.
-            return unsafe { one_group_avx512::<H>(q, at, scores, out) };
+            return unsafe { one_group_avx512::<E, H>(q, at, scores, out) };
         }
-        if super::qdot::cpu_has!("avx2", "fma") {
-            // SAFETY: the CPU has AVX2 and FMA.
-            return unsafe { one_group_avx2::<H>(q, at, scores, out) };
+        if super::qdot::cpu_has!("avx2", "fma", "f16c") {
+            // SAFETY: the CPU has AVX2, FMA and F16C.
+            return unsafe { one_group_avx2::<E, H>(q, at, scores, out) };
         }
     }
     // SAFETY: the portable lanes need no CPU feature.
-    unsafe { group_with::<Portable, H>(q, at, scores, out) }
+    unsafe { group_with::<Portable, E, H>(q, at, scores, out) }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
-unsafe fn one_group_avx512<const H: usize>(
+unsafe fn one_group_avx512<E: Elem, const H: usize>(
     q: &[f32],
-    at: &Kv<'_>,
+    at: &Kv<'_, E>,
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    group_with::<super::lanes::Avx512, H>(q, at, scores, out)
+    group_with::<super::lanes::Avx512, E, H>(q, at, scores, out)
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn one_group_avx2<const H: usize>(
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn one_group_avx2<E: Elem, const H: usize>(
     q: &[f32],
-    at: &Kv<'_>,
+    at: &Kv<'_, E>,
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    group_with::<super::lanes::Avx2, H>(q, at, scores, out)
+    group_with::<super::lanes::Avx2, E, H>(q, at, scores, out)
 }
 
 /// Key tiles of `KT` vectors: enough independent chains for `H` heads without running out of
@@ -260,9 +342,9 @@ const fn key_vectors(h: usize) -> usize {
 /// # Safety
 /// The CPU has `L`'s instruction set.
 #[inline(always)]
-unsafe fn group_with<L: Lanes, const H: usize>(
+unsafe fn group_with<L: Lanes, E: Elem, const H: usize>(
     q: &[f32],
-    at: &Kv<'_>,
+    at: &Kv<'_, E>,
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
@@ -285,14 +367,15 @@ unsafe fn group_with<L: Lanes, const H: usize>(
             let row = &k[from..from + tile];
             // The next tile of this row: the rows are far apart (a stride of the cache's
             // capacity), too many streams for the hardware prefetcher to follow.
-            let next = row.as_ptr().wrapping_add(tile);
-            for line in (0..tile).step_by(16) {
-                L::prefetch(next.wrapping_add(line));
+            let next = row.as_ptr().wrapping_add(tile).cast::<u8>();
+            let bytes = tile * std::mem::size_of::<E>();
+            for line in (0..bytes).step_by(64) {
+                L::prefetch(next.wrapping_add(line).cast());
             }
             for (h, acc) in acc.iter_mut().enumerate() {
                 let qd = L::splat(q[h * hd + d]);
                 for (j, a) in acc.iter_mut().enumerate().take(kt) {
-                    *a = a.mul_add(qd, L::load(row.as_ptr().add(j * L::LANES)));
+                    *a = a.mul_add(qd, E::lanes(row.as_ptr().add(j * L::LANES)));
                 }
             }
         }
@@ -314,7 +397,7 @@ unsafe fn group_with<L: Lanes, const H: usize>(
             for h in 0..H {
                 let qd = q[h * hd + d];
                 for (s, &kd) in scores[h * keys + rest..(h + 1) * keys].iter_mut().zip(row) {
-                    *s = qd.mul_add(kd, *s);
+                    *s = qd.mul_add(kd.f32(), *s);
                 }
             }
         }
@@ -346,7 +429,7 @@ unsafe fn group_with<L: Lanes, const H: usize>(
             for (h, acc) in acc.iter_mut().enumerate() {
                 let p = L::splat(scores[h * keys + t]);
                 for (j, a) in acc.iter_mut().enumerate() {
-                    *a = a.mul_add(p, L::load(row.as_ptr().add(j * L::LANES)));
+                    *a = a.mul_add(p, E::lanes(row.as_ptr().add(j * L::LANES)));
                 }
             }
         }
@@ -361,7 +444,7 @@ unsafe fn group_with<L: Lanes, const H: usize>(
         for d in width * full..hd {
             let mut acc = 0f32;
             for t in 0..keys {
-                acc = scores[h * keys + t].mul_add(v[vbase + t * vview.key_stride + d], acc);
+                acc = scores[h * keys + t].mul_add(v[vbase + t * vview.key_stride + d].f32(), acc);
             }
             out[h * hd + d] = acc;
         }
@@ -482,28 +565,63 @@ mod tests {
             for (h, out) in alone.chunks_exact_mut(hd).enumerate() {
                 // SAFETY: portable lanes.
                 unsafe {
-                    group_with::<Portable, 1>(&q[h * hd..(h + 1) * hd], &at, &mut scores, out)
+                    group_with::<Portable, _, 1>(&q[h * hd..(h + 1) * hd], &at, &mut scores, out)
                 };
             }
             let mut two = vec![0f32; 4 * hd];
-            one_group::<2>(&q[..2 * hd], &at, &mut scores, &mut two[..2 * hd]);
-            one_group::<2>(&q[2 * hd..], &at, &mut scores, &mut two[2 * hd..]);
+            one_group::<_, 2>(&q[..2 * hd], &at, &mut scores, &mut two[..2 * hd]);
+            one_group::<_, 2>(&q[2 * hd..], &at, &mut scores, &mut two[2 * hd..]);
             assert_eq!(bits(&alone), bits(&two), "{keys} keys, pairs");
             let mut three = vec![0f32; 4 * hd];
-            one_group::<3>(&q[..3 * hd], &at, &mut scores, &mut three[..3 * hd]);
-            one_group::<1>(&q[3 * hd..], &at, &mut scores, &mut three[3 * hd..]);
+            one_group::<_, 3>(&q[..3 * hd], &at, &mut scores, &mut three[..3 * hd]);
+            one_group::<_, 1>(&q[3 * hd..], &at, &mut scores, &mut three[3 * hd..]);
             assert_eq!(bits(&alone), bits(&three), "{keys} keys, three and one");
             let mut four = vec![0f32; 4 * hd];
-            one_group::<4>(&q, &at, &mut scores, &mut four);
+            one_group::<_, 4>(&q, &at, &mut scores, &mut four);
             assert_eq!(bits(&alone), bits(&four), "{keys} keys, four");
             #[cfg(target_arch = "x86_64")]
-            if crate::model::qdot::cpu_has!("avx2", "fma") {
+            if crate::model::qdot::cpu_has!("avx2", "fma", "f16c") {
                 let mut avx2 = vec![0f32; 4 * hd];
-                // SAFETY: the CPU has AVX2 and FMA.
-                unsafe { one_group_avx2::<4>(&q, &at, &mut scores, &mut avx2) };
+                // SAFETY: the CPU has AVX2, FMA and F16C.
+                unsafe { one_group_avx2::<_, 4>(&q, &at, &mut scores, &mut avx2) };
                 assert_eq!(bits(&alone), bits(&avx2), "{keys} keys, AVX2");
             }
         }
+    }
+
+    /// Caches stored as f16 give, bit for bit, what caches of the same values as f32 give:
+    /// the halves are widened exactly, on every path (vector tiles and the scalar rest).
+    #[test]
+    fn f16_caches_read_as_their_f32_values() {
+        let dev = Device::Cpu;
+        let heads = Heads {
+            n_heads: 6,
+            n_kv_heads: 2,
+            head_dim: 72,
+            scale: 0.2,
+        };
+        let (mut halves, mut singles, mut qs) = (Vec::new(), Vec::new(), Vec::new());
+        for keys in [1usize, 9, 40, 131] {
+            let k = Tensor::randn(0f32, 1.0, (1, 2, 72, 140), &dev).unwrap();
+            let v = Tensor::randn(0f32, 1.0, (1, 2, 140, 72), &dev).unwrap();
+            let (k, v) = (
+                k.to_dtype(DType::F16).unwrap(),
+                v.to_dtype(DType::F16).unwrap(),
+            );
+            let (k, v) = (k.narrow(3, 0, keys).unwrap(), v.narrow(2, 0, keys).unwrap());
+            let widen = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            singles.push((widen(&k), widen(&v)));
+            halves.push((k, v));
+            qs.push(Tensor::randn(0f32, 1.0, (1, 6 * 72), &dev).unwrap());
+        }
+        let q = values(&Tensor::cat(&qs, 0).unwrap()).unwrap();
+        let a = attend(&q, &halves, &heads).unwrap();
+        let b = attend(&q, &singles, &heads).unwrap();
+        let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&a), bits(&b));
+        // Mixed storage types are refused, not misread.
+        let mixed = [(halves[0].0.clone(), singles[0].1.clone())];
+        assert!(attend(&q[..6 * 72], &mixed, &heads).is_err());
     }
 
     #[test]

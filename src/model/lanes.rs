@@ -20,6 +20,8 @@ pub(super) trait Lanes: Copy {
     unsafe fn splat(x: f32) -> Self;
     /// `LANES` values from `p`.
     unsafe fn load(p: *const f32) -> Self;
+    /// `LANES` half-precision values from `p` (f16 bits), widened exactly.
+    unsafe fn load_f16(p: *const u16) -> Self;
     /// `self + a * b` in each lane, rounded once.
     unsafe fn mul_add(self, a: Self, b: Self) -> Self;
     /// The lanes to `p`.
@@ -44,6 +46,10 @@ impl Lanes for Portable {
     unsafe fn load(p: *const f32) -> Self {
         Self(std::ptr::read_unaligned(p.cast::<[f32; 8]>()))
     }
+    unsafe fn load_f16(p: *const u16) -> Self {
+        let bits = std::ptr::read_unaligned(p.cast::<[u16; 8]>());
+        Self(bits.map(|b| half::f16::from_bits(b).to_f32()))
+    }
     unsafe fn mul_add(self, a: Self, b: Self) -> Self {
         Self(std::array::from_fn(|i| a.0[i].mul_add(b.0[i], self.0[i])))
     }
@@ -61,7 +67,7 @@ mod x86 {
 
     use super::Lanes;
 
-    /// Eight lanes, AVX2 and FMA.
+    /// Eight lanes, AVX2, FMA and F16C.
     #[derive(Clone, Copy)]
     pub(in crate::model) struct Avx2(__m256);
 
@@ -78,6 +84,10 @@ mod x86 {
         #[inline(always)]
         unsafe fn load(p: *const f32) -> Self {
             Self(_mm256_loadu_ps(p))
+        }
+        #[inline(always)]
+        unsafe fn load_f16(p: *const u16) -> Self {
+            Self(_mm256_cvtph_ps(_mm_loadu_si128(p.cast())))
         }
         #[inline(always)]
         unsafe fn mul_add(self, a: Self, b: Self) -> Self {
@@ -110,6 +120,10 @@ mod x86 {
         #[inline(always)]
         unsafe fn load(p: *const f32) -> Self {
             Self(_mm512_loadu_ps(p))
+        }
+        #[inline(always)]
+        unsafe fn load_f16(p: *const u16) -> Self {
+            Self(_mm512_cvtph_ps(_mm256_loadu_si256(p.cast())))
         }
         #[inline(always)]
         unsafe fn mul_add(self, a: Self, b: Self) -> Self {

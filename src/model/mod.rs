@@ -23,7 +23,7 @@ use candle_core::Device;
 use crate::gguf::{Architecture, GgufError, GgufFile, ModelSpec};
 use qdot::packed::Packed;
 
-pub use cache::KvCache;
+pub use cache::{cache_type, set_cache_type, KvCache, KvCacheType};
 pub use device::{select_device, DeviceChoice};
 pub(crate) use fused::exp as fast_exp;
 pub use linear::DENSE_MIN_ROWS;

@@ -454,7 +454,7 @@ impl Transformer {
             let pos = cache.len();
             let (k_all, v_all) = cache.append(index, &k.narrow(0, i, 1)?, &v.narrow(0, i, 1)?)?;
             let (k_all, v_all, _) = visible(layer, k_all, v_all, pos, pos + 1)?;
-            kv.push((k_all, v_all));
+            kv.push((k_all.to_dtype(q.dtype())?, v_all.to_dtype(q.dtype())?));
         }
         // (On the CPU, decode steps take `step.rs` instead.)
         let group = cfg.n_heads / cfg.n_kv_heads;
@@ -572,6 +572,8 @@ impl Transformer {
         let k = self.rotate(&k, &cos, &sin)?;
         let (k_all, v_all) = pass.cache.append(index, &k, &v)?;
         let (k_all, v_all, start) = visible(layer, k_all, v_all, pos, pos + seq_len)?;
+        // An f16 cache is read as f32 (a copy of the visible positions once per layer and pass).
+        let (k_all, v_all) = (k_all.to_dtype(q.dtype())?, v_all.to_dtype(q.dtype())?);
         // Grouped-query attention without copying keys: the `group` query heads that share a KV
         // head are consecutive, so (heads, seq) folds into (kv_heads, group * seq) rows.
         let group = cfg.n_heads / cfg.n_kv_heads;
