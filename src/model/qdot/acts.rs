@@ -62,6 +62,15 @@ fn round(v: f32) -> f32 {
     }
 }
 
+/// `v`, a whole number of magnitude at most 127, as an integer: `v as i32` for such values,
+/// from the bits of `v + 1.5 * 2^23` (whose mantissa's low bits then hold it). A saturating
+/// `as` conversion stays scalar, lane by lane, inside vectorised loops.
+#[inline(always)]
+fn small_int(v: f32) -> i32 {
+    const MAGIC: f32 = 12_582_912.0;
+    (v + MAGIC).to_bits().wrapping_sub(MAGIC.to_bits()) as i32
+}
+
 /// One block as candle rounds it: `(d, s as Q8_1 stores it, sum of the quants)`.
 fn block(x: &[f32], q: &mut [u8]) -> (half::f16, half::f16, i32) {
     // The largest magnitude (any order gives the same maximum), in eight lanes that vectorise
@@ -83,8 +92,8 @@ fn block(x: &[f32], q: &mut [u8]) -> (half::f16, half::f16, i32) {
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     let mut sum = 0i32;
     for (q, &v) in q.iter_mut().zip(x) {
-        let v = round(v * id) as i8;
-        sum += i32::from(v);
+        let v = small_int(round(v * id));
+        sum += v;
         *q = v as u8;
     }
     let dh = half::f16::from_f32(d);
@@ -209,6 +218,10 @@ mod tests {
         ] {
             assert_eq!(super::round(v).to_bits(), v.round().to_bits(), "{v}");
         }
+        for n in -127..=127 {
+            assert_eq!(super::small_int(n as f32), n);
+        }
+        assert_eq!(super::small_int(-0.0), 0);
         let mut v = -130.0f32;
         while v < 130.0 {
             assert_eq!(super::round(v), v.round(), "{v}");
