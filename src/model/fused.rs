@@ -36,7 +36,10 @@ pub(crate) fn exp(x: f32) -> f32 {
     // the mantissa. (`n as i32` is a saturating conversion that stays scalar, lane by lane,
     // in vectorised loops: it made the gated activation several times slower.)
     const MAGIC: f32 = 12_582_912.0;
-    let biased = (n + MAGIC).to_bits().wrapping_sub(MAGIC.to_bits()).wrapping_add(127);
+    let biased = (n + MAGIC)
+        .to_bits()
+        .wrapping_sub(MAGIC.to_bits())
+        .wrapping_add(127);
     let scale = f32::from_bits(biased << 23);
     if x < -87.3 {
         0.0

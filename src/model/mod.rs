@@ -21,7 +21,7 @@ use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
 use candle_core::Device;
 
 use crate::gguf::{Architecture, GgufError, GgufFile, ModelSpec};
-use qdot::packed::Packed;
+use qdot::packed::{Packed, Packer};
 
 pub use cache::{cache_type, set_cache_type, KvCache, KvCacheType};
 pub use device::{select_device, DeviceChoice};
@@ -165,7 +165,9 @@ pub fn config_for(spec: &ModelSpec) -> Result<Config, ModelError> {
     })
 }
 
-/// Reads tensors through candle's GGUF reader from an already validated file.
+/// Bytes of a matrix read and packed at a time.
+const PACK_PIECE: usize = 8 << 20;
+
 /// Tensors read from a validated GGUF file (its own parse: offsets, types and shapes), through
 /// one reused buffer.
 struct GgufTensors<'f> {
@@ -218,6 +220,21 @@ impl GgufTensors<'_> {
 
     /// The named tensor's stored bytes into `buf`.
     fn read(&mut self, name: &str) -> Result<(), ModelError> {
+        let len = self.stored_bytes(name)?;
+        self.read_span(name, 0, len)
+    }
+
+    /// Bytes of the named tensor's stored data.
+    fn stored_bytes(&self, name: &str) -> Result<usize, ModelError> {
+        let info = self
+            .file
+            .tensor(name)
+            .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
+        usize::try_from(info.n_bytes).map_err(|_| ModelError::Internal("tensor size"))
+    }
+
+    /// Bytes `from..from + len` of the named tensor's stored data into `buf`.
+    fn read_span(&mut self, name: &str, from: usize, len: usize) -> Result<(), ModelError> {
         let info = self
             .file
             .tensor(name)
@@ -227,10 +244,9 @@ impl GgufTensors<'_> {
             path: self.path.display().to_string(),
             source,
         };
-        let len = usize::try_from(info.n_bytes).map_err(|_| ModelError::Internal("tensor size"))?;
         self.buf.resize(len, 0);
         self.reader
-            .seek(SeekFrom::Start(info.offset))
+            .seek(SeekFrom::Start(info.offset + from as u64))
             .map_err(fail)?;
         self.reader.read_exact(&mut self.buf).map_err(fail)
     }
@@ -263,10 +279,26 @@ impl TensorSource for GgufTensors<'_> {
         if !self.device.is_cpu() || dims.len() != 2 || !Packed::takes(dtype) {
             return Ok(None);
         }
-        self.read(name)?;
-        let packed = Packed::from_bytes(dtype, dims[0], dims[1], &self.buf);
-        self.release_large();
-        Ok(packed)
+        let Some(mut packer) = Packer::new(dtype, dims[0], dims[1]) else {
+            return Ok(None);
+        };
+        // Pieces of whole groups of rows through the reused buffer: no buffer (nor rewritten
+        // copy) the size of the matrix, and no fresh memory for each matrix, whose pages the
+        // kernel would clear first (that was most of a 7B model's load time).
+        let row_bytes = packer.row_bytes();
+        let n = dims[0];
+        if self.stored_bytes(name)? != n * row_bytes {
+            return Ok(None);
+        }
+        let rows = (PACK_PIECE / row_bytes.max(1)).max(1).next_multiple_of(16);
+        for first in (0..n).step_by(rows) {
+            let count = rows.min(n - first);
+            self.read_span(name, first * row_bytes, count * row_bytes)?;
+            if packer.rows(first, &self.buf).is_none() {
+                return Ok(None);
+            }
+        }
+        Ok(Some(packer.finish()))
     }
 }
 

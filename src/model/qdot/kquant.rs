@@ -92,16 +92,23 @@ fn super_block(src: &[u8], out: &mut [u8], fifth: bool) -> Option<()> {
 #[cfg(test)]
 fn rewritten(w: &QTensor) -> candle_core::Result<Option<QTensor>> {
     let (n, k) = w.shape().dims2()?;
-    Ok(match rewrite(w.dtype(), k, &w.data()?) {
-        Some((to, bytes)) => Some(qtensor_from_ggml(to, &bytes, vec![n, k], &w.device())?),
+    let mut bytes = Vec::new();
+    Ok(match rewrite(w.dtype(), k, &w.data()?, &mut bytes) {
+        Some(to) => Some(qtensor_from_ggml(to, &bytes, vec![n, k], &w.device())?),
         None => None,
     })
 }
 
-/// The stored bytes `data` of a Q4_K or Q5_K matrix with rows `k` wide, rewritten as Q4_1 or
-/// Q5_1: the new format and its bytes, or `None` for other formats, widths that are not whole
-/// super-blocks, or scales that do not fit f16.
-pub(super) fn rewrite(dtype: GgmlDType, k: usize, data: &[u8]) -> Option<(GgmlDType, Vec<u8>)> {
+/// The stored bytes `data` of rows of a Q4_K or Q5_K matrix `k` wide, rewritten as Q4_1 or
+/// Q5_1 into `out` (resized; a buffer reused between calls costs no fresh memory): the new
+/// format, or `None` for other formats, widths that are not whole super-blocks, or scales that
+/// do not fit f16.
+pub(super) fn rewrite(
+    dtype: GgmlDType,
+    k: usize,
+    data: &[u8],
+    out: &mut Vec<u8>,
+) -> Option<GgmlDType> {
     let (from_bytes, to, to_bytes) = match dtype {
         GgmlDType::Q4K => (Q4K_BYTES, GgmlDType::Q4_1, Q4_1_BYTES),
         GgmlDType::Q5K => (Q5K_BYTES, GgmlDType::Q5_1, Q5_1_BYTES),
@@ -110,7 +117,8 @@ pub(super) fn rewrite(dtype: GgmlDType, k: usize, data: &[u8]) -> Option<(GgmlDT
     if !k.is_multiple_of(SUPER) || !data.len().is_multiple_of(from_bytes) {
         return None;
     }
-    let mut out = vec![0u8; data.len() / from_bytes * 8 * to_bytes];
+    // Every byte is written below: no need to clear what a previous call left.
+    out.resize(data.len() / from_bytes * 8 * to_bytes, 0);
     // Pieces of super-blocks on the worker pool (a 7B model's Q4_K matrices are billions of
     // values).
     const PIECE: usize = 1024;
@@ -133,7 +141,7 @@ pub(super) fn rewrite(dtype: GgmlDType, k: usize, data: &[u8]) -> Option<(GgmlDT
         }
     });
     drop(pieces);
-    (!failed.into_inner()).then_some((to, out))
+    (!failed.into_inner()).then_some(to)
 }
 
 #[cfg(test)]

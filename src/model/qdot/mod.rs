@@ -21,6 +21,7 @@ mod acts;
 mod avx2;
 mod kquant;
 pub mod packed;
+mod pages;
 #[cfg(target_arch = "x86_64")]
 mod vnni;
 

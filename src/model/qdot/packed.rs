@@ -27,6 +27,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 
 use super::acts::Acts;
+use super::pages::Pages;
 use super::BLOCK;
 
 /// Weight rows per group (lanes of a 512-bit vector of i32).
@@ -117,6 +118,18 @@ impl Kind {
         }
     }
 
+    /// The stored format.
+    fn dtype(self) -> GgmlDType {
+        match self {
+            Self::Q4_1 => GgmlDType::Q4_1,
+            Self::Q5_0 => GgmlDType::Q5_0,
+            Self::Q8_0 => GgmlDType::Q8_0,
+            Self::Q6K => GgmlDType::Q6K,
+            Self::Q4_0 => GgmlDType::Q4_0,
+            Self::Q5_1 => GgmlDType::Q5_1,
+        }
+    }
+
     /// Values per block in the file.
     fn file_block(self) -> usize {
         match self {
@@ -172,12 +185,12 @@ pub struct Packed {
     k: usize,
     blocks: usize,
     /// `[group][block][kind.chunks()]`.
-    quants: Vec<Chunk>,
+    quants: Pages<Chunk>,
     /// `[group][block]`: sixteen f16 scales, then (Q4_1) sixteen f16 minimums.
-    scales: Vec<u16>,
+    scales: Pages<u16>,
     /// Q5_0: `[group][block][8]`, the fifth bits of chunk-word `t` (bit `4 * row + i` is value
     /// `4t + i` of that row), as a byte mask.
-    high: Vec<u64>,
+    high: Pages<u64>,
 }
 
 /// One row of Q6_K super-blocks into lane `lane` of a group: per 32-value block, the values'
@@ -278,6 +291,94 @@ pub fn available() -> bool {
     kernel().is_some()
 }
 
+/// Packs a matrix from its stored bytes a piece of rows at a time, so that a loader needs no
+/// buffer the size of the whole matrix (a 7B model's vocabulary projection is hundreds of
+/// megabytes): `Packer::new`, then [`Packer::rows`] for each piece in any order, then
+/// [`Packer::finish`].
+pub struct Packer {
+    packed: Packed,
+    /// The stored format, when it is rewritten into the packed one first (Q4_K, Q5_K).
+    rewrite_from: Option<GgmlDType>,
+    /// The rewritten bytes of the last piece, reused.
+    scratch: Vec<u8>,
+}
+
+impl Packer {
+    /// A packer for an `n` x `k` matrix stored as `dtype`, or `None` for another type, a width
+    /// that is not whole blocks, or a CPU without the kernel.
+    pub fn new(dtype: GgmlDType, n: usize, k: usize) -> Option<Self> {
+        if !available() || n == 0 {
+            return None;
+        }
+        let (kind, rewrite_from) = match dtype {
+            GgmlDType::Q4_1 => (Kind::Q4_1, None),
+            GgmlDType::Q5_0 => (Kind::Q5_0, None),
+            GgmlDType::Q8_0 => (Kind::Q8_0, None),
+            GgmlDType::Q6K => (Kind::Q6K, None),
+            GgmlDType::Q4_0 => (Kind::Q4_0, None),
+            GgmlDType::Q5_1 => (Kind::Q5_1, None),
+            GgmlDType::Q4K => (Kind::Q4_1, Some(dtype)),
+            GgmlDType::Q5K => (Kind::Q5_1, Some(dtype)),
+            _ => return None,
+        };
+        if !k.is_multiple_of(dtype.block_size()) || !k.is_multiple_of(kind.file_block()) {
+            return None;
+        }
+        let blocks = k / BLOCK;
+        let groups = n.div_ceil(ROWS);
+        Some(Self {
+            packed: Packed {
+                kind,
+                n,
+                k,
+                blocks,
+                quants: Pages::zeroed(groups * blocks * kind.chunks())?,
+                scales: Pages::zeroed(groups * blocks * kind.scales())?,
+                high: Pages::zeroed(groups * blocks * kind.masks())?,
+            },
+            rewrite_from,
+            scratch: Vec::new(),
+        })
+    }
+
+    /// Bytes of one stored row.
+    pub fn row_bytes(&self) -> usize {
+        let dtype = self
+            .rewrite_from
+            .unwrap_or_else(|| self.packed.kind.dtype());
+        self.packed.k / dtype.block_size() * dtype.type_size()
+    }
+
+    /// Rows `first..` from their stored bytes `data` (whole rows; `first` a multiple of 16, and
+    /// so is the count unless the piece ends the matrix). `None` when the piece does not fit,
+    /// or when a Q4_K/Q5_K scale overflows the rewritten format's f16.
+    pub fn rows(&mut self, first: usize, data: &[u8]) -> Option<()> {
+        let row_bytes = self.row_bytes();
+        let n = self.packed.n;
+        if row_bytes == 0 || !data.len().is_multiple_of(row_bytes) || !first.is_multiple_of(ROWS) {
+            return None;
+        }
+        let count = data.len() / row_bytes;
+        if count == 0 || first + count > n || (first + count < n && !count.is_multiple_of(ROWS)) {
+            return None;
+        }
+        let data = match self.rewrite_from {
+            Some(dtype) => {
+                super::kquant::rewrite(dtype, self.packed.k, data, &mut self.scratch)?;
+                &self.scratch[..]
+            }
+            None => data,
+        };
+        self.packed.fill(first, count, data);
+        Some(())
+    }
+
+    /// The packed matrix. Rows no piece covered are zero.
+    pub fn finish(self) -> Packed {
+        self.packed
+    }
+}
+
 impl Packed {
     /// `w` packed, or `None` for another type, another device, a width that is not whole
     /// blocks, or a CPU without the kernel.
@@ -302,125 +403,105 @@ impl Packed {
     /// or `None` for another type, a width that is not whole blocks, bytes that do not fit, or
     /// a CPU without the kernel.
     pub fn from_bytes(dtype: GgmlDType, n: usize, k: usize, data: &[u8]) -> Option<Self> {
-        let kind = match dtype {
-            GgmlDType::Q4_1 => Kind::Q4_1,
-            GgmlDType::Q5_0 => Kind::Q5_0,
-            GgmlDType::Q8_0 => Kind::Q8_0,
-            GgmlDType::Q6K => Kind::Q6K,
-            GgmlDType::Q4_0 => Kind::Q4_0,
-            GgmlDType::Q5_1 => Kind::Q5_1,
-            GgmlDType::Q4K | GgmlDType::Q5K if available() => {
-                let (to, bytes) = super::kquant::rewrite(dtype, k, data)?;
-                return Self::from_bytes(to, n, k, &bytes);
-            }
-            _ => return None,
-        };
-        if !available() {
+        let mut packer = Packer::new(dtype, n, k)?;
+        if data.len() != n * packer.row_bytes() {
             return None;
         }
+        packer.rows(0, data)?;
+        Some(packer.finish())
+    }
+
+    /// Rows `first..first + count` from their stored bytes `data` (the packed format's; the
+    /// caller checked the sizes), into the groups they cover, on the worker pool (a vocabulary
+    /// of 262,144 rows is 16,384 groups).
+    fn fill(&mut self, first: usize, count: usize, data: &[u8]) {
+        let (kind, blocks) = (self.kind, self.blocks);
+        let (chunks, per_block, masks) = (kind.chunks(), kind.scales(), kind.masks());
         let w_bytes = kind.w_bytes();
-        let blocks = k / BLOCK;
-        let file_blocks = k / kind.file_block();
-        if n == 0 || !k.is_multiple_of(kind.file_block()) || data.len() != n * file_blocks * w_bytes
-        {
-            return None;
-        }
-        let groups = n.div_ceil(ROWS);
-        let (chunks, per_block) = (kind.chunks(), kind.scales());
-        let mut quants = vec![Chunk([0; 64]); groups * blocks * chunks];
-        let mut scales = vec![0u16; groups * blocks * per_block];
-        let masks = kind.masks();
-        let mut high = vec![0u64; groups * blocks * masks];
-        {
-            // Each group's share of the three arrays, filled on the worker pool (a vocabulary
-            // of 262,144 rows is 16,384 groups).
-            let hs: Vec<&mut [u64]> = if masks > 0 {
-                high.chunks_mut(blocks * masks).collect()
-            } else {
-                Vec::new()
-            };
-            let mut hs = hs.into_iter();
-            type Slot<'a> = (&'a mut [Chunk], &'a mut [u16], Option<&'a mut [u64]>);
-            let slots: Vec<Mutex<Slot<'_>>> = quants
-                .chunks_mut(blocks * chunks)
-                .zip(scales.chunks_mut(blocks * per_block))
-                .map(|(q, s)| Mutex::new((q, s, hs.next())))
-                .collect();
-            let fill = |g: usize, (quants, scales, high): &mut Slot<'_>| {
-                for (lane, row) in (g * ROWS..n.min((g + 1) * ROWS)).enumerate() {
-                    if kind == Kind::Q6K {
-                        let row =
-                            &data[row * file_blocks * w_bytes..(row + 1) * file_blocks * w_bytes];
-                        if let Some(high) = high.as_deref_mut() {
-                            pack_q6k_row(row, lane, quants, scales, high);
-                        }
-                        continue;
+        let file_blocks = self.k / kind.file_block();
+        let row_bytes = file_blocks * w_bytes;
+        let end = first + count;
+        let groups = first / ROWS..end.div_ceil(ROWS);
+        // Each group's share of the three arrays.
+        let quants = &mut self.quants[groups.start * blocks * chunks..groups.end * blocks * chunks];
+        let scales =
+            &mut self.scales[groups.start * blocks * per_block..groups.end * blocks * per_block];
+        let hs: Vec<&mut [u64]> = if masks > 0 {
+            self.high[groups.start * blocks * masks..groups.end * blocks * masks]
+                .chunks_mut(blocks * masks)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let mut hs = hs.into_iter();
+        type Slot<'a> = (&'a mut [Chunk], &'a mut [u16], Option<&'a mut [u64]>);
+        let slots: Vec<Mutex<Slot<'_>>> = quants
+            .chunks_mut(blocks * chunks)
+            .zip(scales.chunks_mut(blocks * per_block))
+            .map(|(q, s)| Mutex::new((q, s, hs.next())))
+            .collect();
+        let fill = |g: usize, (quants, scales, high): &mut Slot<'_>| {
+            for (lane, row) in (g * ROWS..end.min((g + 1) * ROWS)).enumerate() {
+                let row = &data[(row - first) * row_bytes..(row - first + 1) * row_bytes];
+                if kind == Kind::Q6K {
+                    if let Some(high) = high.as_deref_mut() {
+                        pack_q6k_row(row, lane, quants, scales, high);
                     }
-                    for b in 0..blocks {
-                        let at = (row * blocks + b) * w_bytes;
-                        let block = &data[at..at + w_bytes];
-                        let u16_at = |i: usize| u16::from_le_bytes([block[i], block[i + 1]]);
-                        let qs = match kind {
-                            Kind::Q4_1 => &block[4..20],
-                            Kind::Q5_0 => &block[6..22],
-                            Kind::Q8_0 => &block[2..34],
-                            Kind::Q4_0 => &block[2..18],
-                            Kind::Q5_1 => &block[8..24],
-                            // Packed above, super-block by super-block.
-                            Kind::Q6K => continue,
-                        };
-                        // Signed Q8_0 bytes to unsigned: plus 128, four at a time.
-                        let flip = if kind == Kind::Q8_0 {
-                            0x8080_8080u32
-                        } else {
-                            0
-                        };
-                        for (p, word) in qs.chunks_exact(4).enumerate() {
-                            let w = u32::from_le_bytes([word[0], word[1], word[2], word[3]]);
-                            quants[b * chunks + p].0[lane * 4..lane * 4 + 4]
-                                .copy_from_slice(&(w ^ flip).to_le_bytes());
+                    continue;
+                }
+                for (b, block) in row.chunks_exact(w_bytes).enumerate() {
+                    let u16_at = |i: usize| u16::from_le_bytes([block[i], block[i + 1]]);
+                    let qs = match kind {
+                        Kind::Q4_1 => &block[4..20],
+                        Kind::Q5_0 => &block[6..22],
+                        Kind::Q8_0 => &block[2..34],
+                        Kind::Q4_0 => &block[2..18],
+                        Kind::Q5_1 => &block[8..24],
+                        // Packed above, super-block by super-block.
+                        Kind::Q6K => continue,
+                    };
+                    // Signed Q8_0 bytes to unsigned: plus 128, four at a time.
+                    let flip = if kind == Kind::Q8_0 {
+                        0x8080_8080u32
+                    } else {
+                        0
+                    };
+                    for (p, word) in qs.chunks_exact(4).enumerate() {
+                        let w = u32::from_le_bytes([word[0], word[1], word[2], word[3]]);
+                        quants[b * chunks + p].0[lane * 4..lane * 4 + 4]
+                            .copy_from_slice(&(w ^ flip).to_le_bytes());
+                    }
+                    scales[b * per_block + lane] = u16_at(0);
+                    // Q5_0's and Q5_1's fifth bits, after the scales.
+                    let qh_at = match kind {
+                        Kind::Q5_0 => Some(2),
+                        Kind::Q5_1 => Some(4),
+                        _ => None,
+                    };
+                    if let (Some(i), Some(high)) = (qh_at, high.as_deref_mut()) {
+                        let qh = u32::from_le_bytes([
+                            block[i],
+                            block[i + 1],
+                            block[i + 2],
+                            block[i + 3],
+                        ]);
+                        for t in 0..8 {
+                            high[b * 8 + t] |= u64::from((qh >> (4 * t)) & 0xF) << (4 * lane);
                         }
-                        scales[b * per_block + lane] = u16_at(0);
-                        // Q5_0's and Q5_1's fifth bits, after the scales.
-                        let qh_at = match kind {
-                            Kind::Q5_0 => Some(2),
-                            Kind::Q5_1 => Some(4),
-                            _ => None,
-                        };
-                        if let (Some(i), Some(high)) = (qh_at, high.as_deref_mut()) {
-                            let qh = u32::from_le_bytes([
-                                block[i],
-                                block[i + 1],
-                                block[i + 2],
-                                block[i + 3],
-                            ]);
-                            for t in 0..8 {
-                                high[b * 8 + t] |= u64::from((qh >> (4 * t)) & 0xF) << (4 * lane);
-                            }
-                        }
-                        if matches!(kind, Kind::Q4_1 | Kind::Q5_1) {
-                            scales[b * per_block + ROWS + lane] = u16_at(2);
-                        }
+                    }
+                    if matches!(kind, Kind::Q4_1 | Kind::Q5_1) {
+                        scales[b * per_block + ROWS + lane] = u16_at(2);
                     }
                 }
-            };
-            candle_core::utils::barrier_pool().execute_chunked(groups, |range| {
-                for g in range {
-                    if let Ok(mut slot) = slots[g].lock() {
-                        fill(g, &mut slot);
-                    }
+            }
+        };
+        candle_core::utils::barrier_pool().execute_chunked(groups.len(), |range| {
+            for i in range {
+                if let Ok(mut slot) = slots[i].lock() {
+                    fill(groups.start + i, &mut slot);
                 }
-            });
-        }
-        Some(Self {
-            kind,
-            n,
-            k,
-            blocks,
-            quants,
-            scales,
-            high,
-        })
+            }
+        });
     }
 
     /// The rows `ids` dequantized, `(ids.len(), k)` (an embedding lookup), with candle's
@@ -1027,6 +1108,61 @@ mod tests {
                 "{dtype:?}"
             );
             assert!(packed.rows(&[37]).is_err());
+        }
+    }
+
+    /// A matrix packed in pieces of rows (in any order, the last one short) is the matrix
+    /// packed whole, in every stored format, the rewritten k-quants included; pieces that do
+    /// not start on a group or that leave a group half filled are refused.
+    #[test]
+    fn pieces_of_rows_pack_as_the_whole() {
+        if !available() {
+            return;
+        }
+        let dev = Device::Cpu;
+        let (n, k) = (83usize, 512usize);
+        for dtype in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q5_1,
+            GgmlDType::Q8_0,
+            GgmlDType::Q6K,
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+        ] {
+            let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+            let bytes = QTensor::quantize(&w, dtype)
+                .unwrap()
+                .data()
+                .unwrap()
+                .to_vec();
+            let whole = Packed::from_bytes(dtype, n, k, &bytes).unwrap();
+            let mut packer = Packer::new(dtype, n, k).unwrap();
+            let row = packer.row_bytes();
+            assert_eq!(row * n, bytes.len(), "{dtype:?}");
+            for (first, count) in [(64, 19), (0, 32), (32, 32)] {
+                let piece = &bytes[first * row..(first + count) * row];
+                assert!(packer.rows(first, piece).is_some(), "{dtype:?}");
+            }
+            let pieces = packer.finish();
+            let x = Tensor::randn(0f32, 1.0, (3, k), &dev).unwrap();
+            let (a, b) = (whole.matmul(&x).unwrap(), pieces.matmul(&x).unwrap());
+            let bits = |t: &Tensor| {
+                t.flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(bits(&a), bits(&b), "{dtype:?}");
+            let mut packer = Packer::new(dtype, n, k).unwrap();
+            assert!(packer.rows(8, &bytes[8 * row..24 * row]).is_none());
+            assert!(packer.rows(0, &bytes[..20 * row]).is_none());
+            assert!(packer.rows(0, &bytes[..row / 2]).is_none());
+            assert!(packer.rows(80, &bytes[..4 * row]).is_none());
         }
     }
 
