@@ -235,16 +235,72 @@ fn pack_q6k_row(
                     quants[b * 4 + p].0[lane * 4 + i] = lo | (hi << 4);
                 }
             }
+            // Word t's fifth and sixth bits, four each, gathered before one write per mask.
             for t in 0..8 {
+                let (mut fifth, mut sixth) = (0u64, 0u64);
                 for i in 0..4 {
                     let x = u64::from(v[4 * t + i]);
-                    high[b * 16 + t] |= ((x >> 4) & 1) << (4 * lane + i);
-                    high[b * 16 + 8 + t] |= ((x >> 5) & 1) << (4 * lane + i);
+                    fifth |= ((x >> 4) & 1) << i;
+                    sixth |= ((x >> 5) & 1) << i;
                 }
+                high[b * 16 + t] |= fifth << (4 * lane);
+                high[b * 16 + 8 + t] |= sixth << (4 * lane);
             }
             for h in 0..2 {
                 let scale = f32::from(sc[2 * j + h] as i8) * d;
                 scales[b * per_block + h * ROWS + lane] = half::f16::from_f32(scale).to_bits();
+            }
+        }
+    }
+}
+
+/// One group's rows (up to sixteen, lane `i` from `rows[i]`) of 32-value blocks of format `K`
+/// (a [`Kind::code`], not Q6_K), block by block: each block's chunks, scales and masks are
+/// finished before the next, so the writes go out in order instead of sixteen passes over the
+/// group's whole span. The format is a constant, so the offsets below are too.
+fn fill_blocks<const K: u8>(
+    rows: &[&[u8]],
+    quants: &mut [Chunk],
+    scales: &mut [u16],
+    mut high: Option<&mut [u64]>,
+) {
+    let kind = Kind::from_code(K);
+    let (w_bytes, chunks, per_block) = (kind.w_bytes(), kind.chunks(), kind.scales());
+    // Where the quants start in a block; Q5_0's and Q5_1's fifth bits; the minimum's offset.
+    let (qs_at, qh_at, min_at) = match kind {
+        Kind::Q4_1 => (4, None, Some(2)),
+        Kind::Q5_0 => (6, Some(2), None),
+        Kind::Q8_0 => (2, None, None),
+        Kind::Q4_0 => (2, None, None),
+        Kind::Q5_1 => (8, Some(4), Some(2)),
+        Kind::Q6K => return,
+    };
+    // Signed Q8_0 bytes to unsigned: plus 128, four at a time.
+    let flip = if kind == Kind::Q8_0 {
+        0x8080_8080u32
+    } else {
+        0
+    };
+    let blocks = quants.len() / chunks.max(1);
+    let word = |b: &[u8], i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    for b in 0..blocks {
+        let q = &mut quants[b * chunks..(b + 1) * chunks];
+        let sc = &mut scales[b * per_block..(b + 1) * per_block];
+        for (lane, row) in rows.iter().enumerate() {
+            let block = &row[b * w_bytes..(b + 1) * w_bytes];
+            for (p, chunk) in q.iter_mut().enumerate() {
+                let w = word(block, qs_at + 4 * p) ^ flip;
+                chunk.0[lane * 4..lane * 4 + 4].copy_from_slice(&w.to_le_bytes());
+            }
+            sc[lane] = u16::from_le_bytes([block[0], block[1]]);
+            if let Some(m) = min_at {
+                sc[ROWS + lane] = u16::from_le_bytes([block[m], block[m + 1]]);
+            }
+            if let (Some(i), Some(high)) = (qh_at, high.as_deref_mut()) {
+                let qh = word(block, i);
+                for t in 0..8 {
+                    high[b * 8 + t] |= u64::from((qh >> (4 * t)) & 0xF) << (4 * lane);
+                }
             }
         }
     }
@@ -441,58 +497,27 @@ impl Packed {
             .map(|(q, s)| Mutex::new((q, s, hs.next())))
             .collect();
         let fill = |g: usize, (quants, scales, high): &mut Slot<'_>| {
-            for (lane, row) in (g * ROWS..end.min((g + 1) * ROWS)).enumerate() {
-                let row = &data[(row - first) * row_bytes..(row - first + 1) * row_bytes];
-                if kind == Kind::Q6K {
+            let rows: Vec<&[u8]> = (g * ROWS..end.min((g + 1) * ROWS))
+                .map(|row| &data[(row - first) * row_bytes..(row - first + 1) * row_bytes])
+                .collect();
+            const Q4_1: u8 = Kind::Q4_1.code();
+            const Q5_0: u8 = Kind::Q5_0.code();
+            const Q8_0: u8 = Kind::Q8_0.code();
+            const Q4_0: u8 = Kind::Q4_0.code();
+            const Q5_1: u8 = Kind::Q5_1.code();
+            match kind {
+                Kind::Q6K => {
                     if let Some(high) = high.as_deref_mut() {
-                        pack_q6k_row(row, lane, quants, scales, high);
-                    }
-                    continue;
-                }
-                for (b, block) in row.chunks_exact(w_bytes).enumerate() {
-                    let u16_at = |i: usize| u16::from_le_bytes([block[i], block[i + 1]]);
-                    let qs = match kind {
-                        Kind::Q4_1 => &block[4..20],
-                        Kind::Q5_0 => &block[6..22],
-                        Kind::Q8_0 => &block[2..34],
-                        Kind::Q4_0 => &block[2..18],
-                        Kind::Q5_1 => &block[8..24],
-                        // Packed above, super-block by super-block.
-                        Kind::Q6K => continue,
-                    };
-                    // Signed Q8_0 bytes to unsigned: plus 128, four at a time.
-                    let flip = if kind == Kind::Q8_0 {
-                        0x8080_8080u32
-                    } else {
-                        0
-                    };
-                    for (p, word) in qs.chunks_exact(4).enumerate() {
-                        let w = u32::from_le_bytes([word[0], word[1], word[2], word[3]]);
-                        quants[b * chunks + p].0[lane * 4..lane * 4 + 4]
-                            .copy_from_slice(&(w ^ flip).to_le_bytes());
-                    }
-                    scales[b * per_block + lane] = u16_at(0);
-                    // Q5_0's and Q5_1's fifth bits, after the scales.
-                    let qh_at = match kind {
-                        Kind::Q5_0 => Some(2),
-                        Kind::Q5_1 => Some(4),
-                        _ => None,
-                    };
-                    if let (Some(i), Some(high)) = (qh_at, high.as_deref_mut()) {
-                        let qh = u32::from_le_bytes([
-                            block[i],
-                            block[i + 1],
-                            block[i + 2],
-                            block[i + 3],
-                        ]);
-                        for t in 0..8 {
-                            high[b * 8 + t] |= u64::from((qh >> (4 * t)) & 0xF) << (4 * lane);
+                        for (lane, row) in rows.iter().enumerate() {
+                            pack_q6k_row(row, lane, quants, scales, high);
                         }
                     }
-                    if matches!(kind, Kind::Q4_1 | Kind::Q5_1) {
-                        scales[b * per_block + ROWS + lane] = u16_at(2);
-                    }
                 }
+                Kind::Q4_1 => fill_blocks::<Q4_1>(&rows, quants, scales, high.as_deref_mut()),
+                Kind::Q5_0 => fill_blocks::<Q5_0>(&rows, quants, scales, high.as_deref_mut()),
+                Kind::Q8_0 => fill_blocks::<Q8_0>(&rows, quants, scales, high.as_deref_mut()),
+                Kind::Q4_0 => fill_blocks::<Q4_0>(&rows, quants, scales, high.as_deref_mut()),
+                Kind::Q5_1 => fill_blocks::<Q5_1>(&rows, quants, scales, high.as_deref_mut()),
             }
         };
         candle_core::utils::barrier_pool().execute_chunked(groups.len(), |range| {
