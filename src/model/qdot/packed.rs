@@ -36,6 +36,10 @@ pub(super) const ROWS: usize = 16;
 const TILE: usize = 4;
 /// Activation rows from which the work is shared out by rows instead of by weight groups.
 const PROMPT_ROWS: usize = 32;
+/// Packed bytes of the largest matrix that prompts read once per span of rows.
+const CACHED_BYTES: usize = 4 << 20;
+/// Rows that a work item over a span of groups computes at a time.
+const ROW_TILE: usize = 64;
 
 /// Values and bytes of a Q6_K super-block (`ql`, `qh`, sixteen i8 scales, f16 `d`).
 const Q6K_VALUES: usize = 256;
@@ -608,6 +612,13 @@ impl Packed {
         Tensor::from_vec(out, (ids.len(), k), &Device::Cpu)
     }
 
+    /// Bytes of the packed weights.
+    fn bytes(&self) -> usize {
+        self.quants.len() * std::mem::size_of::<Chunk>()
+            + self.scales.len() * 2
+            + self.high.len() * 8
+    }
+
     /// Whether `other` has this matrix's format and input width, so that both can share a
     /// [`Packed::matmul_many`].
     pub fn same_format(&self, other: &Self) -> bool {
@@ -699,7 +710,11 @@ impl Packed {
             }
         };
         let mut ys: Vec<Vec<f32>> = mats.iter().map(|p| vec![0f32; m * p.n]).collect();
-        if m >= PROMPT_ROWS {
+        // A matrix larger than a core's cache would be read from memory again by every span of
+        // rows (eight times for a 64-token chunk): those (a 7B model's) are split by weight
+        // rows for prompts too, each weight read once per chunk.
+        let cached = mats.iter().all(|p| p.bytes() <= CACHED_BYTES);
+        if m >= PROMPT_ROWS && cached {
             // Prompts: work items are spans of rows, each writing its own rows of the result;
             // a span reads all the weights, which stay in cache between its tiles.
             let span = (m / 8).next_multiple_of(TILE).clamp(TILE, 64);
@@ -717,8 +732,10 @@ impl Packed {
                 });
             }
         } else {
-            // Decode steps: work items are spans of groups of weight rows (up to sixteen per
-            // matrix), each writing its columns of every row of its matrix's result.
+            // Decode steps (and prompts through large matrices): work items are spans of
+            // groups of weight rows (up to sixteen per matrix), each writing its columns of
+            // every row of its matrix's result, a tile of rows at a time against all of its
+            // groups (the tile's activations stay in cache, and so do the span's weights).
             // The `m` row pieces of item `i` are `pieces[i * m..(i + 1) * m]`.
             let mut items = Vec::new();
             let mut pieces = Vec::new();
@@ -737,18 +754,20 @@ impl Packed {
             candle_core::utils::barrier_pool().execute_chunked(items.len(), |range| {
                 for i in range {
                     let (j, span) = &items[i];
-                    // Fewer than PROMPT_ROWS rows here: the guards fit on the stack.
-                    let mut rows: [Option<_>; PROMPT_ROWS] = std::array::from_fn(|_| None);
-                    for (slot, p) in rows.iter_mut().zip(&pieces[i * m..(i + 1) * m]) {
-                        *slot = p.lock().ok();
-                    }
-                    for g in span.clone() {
-                        let col = (g - span.start) * ROWS;
-                        mats[*j].run(g, 0..m, row, |r, v, cols| {
-                            if let Some(Some(out)) = rows.get_mut(r) {
-                                out[col..col + cols].copy_from_slice(&v[..cols]);
-                            }
-                        });
+                    let mut rows: Vec<Option<_>> = pieces[i * m..(i + 1) * m]
+                        .iter()
+                        .map(|p| p.lock().ok())
+                        .collect();
+                    for tile in (0..m).step_by(ROW_TILE) {
+                        for g in span.clone() {
+                            let col = (g - span.start) * ROWS;
+                            let tile = tile..m.min(tile + ROW_TILE);
+                            mats[*j].run(g, tile, row, |r, v, cols| {
+                                if let Some(Some(out)) = rows.get_mut(r) {
+                                    out[col..col + cols].copy_from_slice(&v[..cols]);
+                                }
+                            });
+                        }
                     }
                 }
             });
@@ -1188,6 +1207,34 @@ mod tests {
             assert!(packer.rows(0, &bytes[..20 * row]).is_none());
             assert!(packer.rows(0, &bytes[..row / 2]).is_none());
             assert!(packer.rows(80, &bytes[..4 * row]).is_none());
+        }
+    }
+
+    /// A prompt through a matrix too large to stay cached is split by weight rows instead of
+    /// by prompt rows: every row still gets exactly what it gets alone.
+    #[test]
+    fn prompts_through_large_matrices_give_each_row_its_own_bits() {
+        let dev = Device::Cpu;
+        let (n, k, m) = (4096usize, 2048usize, 70usize);
+        let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+        let Some(p) = Packed::new(&QTensor::quantize(&w, GgmlDType::Q8_0).unwrap()).unwrap() else {
+            return;
+        };
+        assert!(p.bytes() > CACHED_BYTES && m > ROW_TILE && m >= PROMPT_ROWS);
+        let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+        let all = p.matmul(&x).unwrap();
+        for r in [0, 1, 33, 64, 69] {
+            let one = p.matmul(&x.narrow(0, r, 1).unwrap()).unwrap();
+            let bits = |t: &Tensor| {
+                t.flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(bits(&all.narrow(0, r, 1).unwrap()), bits(&one), "row {r}");
         }
     }
 
