@@ -155,6 +155,64 @@ fn bench_json_has_the_documented_keys() {
     }
 }
 
+/// `--profile` prints each phase of the decode steps with its share of their time: every phase
+/// that runs in a step is there with some time, and the shares (the rest included) add up to
+/// the whole. The JSON on stdout stays parseable.
+#[test]
+fn bench_profile_breaks_decode_steps_into_phases() {
+    let out = llmgenie(&[
+        "bench",
+        "--model",
+        "smollm2",
+        "--prompt-tokens",
+        "8",
+        "--gen-tokens",
+        "6",
+        "--runs",
+        "1",
+        "--batch",
+        "2",
+        "--json",
+        "--profile",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let _: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    let err = stderr(&out);
+    let share = |name: &str| -> f64 {
+        let line = err
+            .lines()
+            .find(|l| l.trim_start().starts_with(name))
+            .unwrap_or_else(|| panic!("no {name:?} in {err}"));
+        line.trim_end()
+            .trim_end_matches('%')
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no share in {line:?}"))
+    };
+    let phases = [
+        "norms and residuals",
+        "Q/K/V projections",
+        "rope and KV stores",
+        "attention ",
+        "attention output projection",
+        "gate and up projections",
+        "gated activation",
+        "down projection",
+        "vocabulary projection",
+    ];
+    let mut total = share("the rest");
+    for name in phases {
+        let s = share(name);
+        assert!(s > 0.0, "{name}: {s}% in {err}");
+        total += s;
+    }
+    assert!(
+        (total - 100.0).abs() < 1.0,
+        "shares add up to {total} in {err}"
+    );
+}
+
 #[test]
 fn bench_batch_reports_each_batch_size() {
     let out = llmgenie(&[

@@ -200,6 +200,51 @@ fn list(dir: Option<PathBuf>) -> Result<()> {
 }
 
 fn bench(args: BenchArgs) -> Result<()> {
+    if args.profile {
+        llmgenie::model::phases::enable();
+    }
+    bench_run(&args)?;
+    if args.profile {
+        std::io::stdout().flush()?;
+        print_phases();
+    }
+    Ok(())
+}
+
+/// The decode steps' time per phase, to stderr (`bench --profile`).
+fn print_phases() {
+    use llmgenie::model::phases::{totals, Phase};
+    let totals = totals();
+    let step = totals
+        .iter()
+        .find(|(p, _)| *p == Phase::Step)
+        .map_or(0.0, |(_, d)| d.as_secs_f64());
+    if step == 0.0 {
+        eprintln!("no CPU decode steps ran: nothing to profile");
+        return;
+    }
+    eprintln!("decode steps: {:.3} s in all; by phase:", step);
+    let mut named = 0.0;
+    for (phase, d) in totals.iter().filter(|(p, _)| *p != Phase::Step) {
+        let s = d.as_secs_f64();
+        named += s;
+        eprintln!(
+            "  {:<30} {:>8.3} s  {:>5.1}%",
+            phase.name(),
+            s,
+            100.0 * s / step
+        );
+    }
+    let rest = (step - named).max(0.0);
+    eprintln!(
+        "  {:<30} {:>8.3} s  {:>5.1}%",
+        "the rest",
+        rest,
+        100.0 * rest / step
+    );
+}
+
+fn bench_run(args: &BenchArgs) -> Result<()> {
     apply_runtime(&args.model.runtime)?;
     let (name, path) = resolve(&args.model)?;
     let device = select_device(args.model.runtime.device)?;

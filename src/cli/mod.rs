@@ -298,6 +298,10 @@ pub struct BenchArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Also print where the CPU decode steps spent their time, phase by phase (projections,
+    /// attention, norms, ...; summed over every step the command ran), to stderr.
+    #[arg(long)]
+    pub profile: bool,
 }
 
 /// Logs go to stderr; `RUST_LOG` overrides the level.

@@ -9,6 +9,7 @@ mod device;
 mod fused;
 mod lanes;
 mod linear;
+pub mod phases;
 mod qdot;
 mod step;
 mod transformer;

@@ -15,6 +15,7 @@ use super::cache::KvCache;
 use super::decode_attn;
 use super::fused;
 use super::linear::Linear;
+use super::phases::{time, Phase};
 use super::transformer::{visible, Layer, RopeStyle, Transformer};
 use super::ModelError;
 
@@ -202,6 +203,15 @@ impl Transformer {
         tokens: &[u32],
         caches: &mut [&mut KvCache],
     ) -> Result<Tensor, ModelError> {
+        time(Phase::Step, || self.decode_step_timed(tokens, caches))
+    }
+
+    /// [`Transformer::decode_step`], each phase timed when `llmgenie bench --profile` asks.
+    fn decode_step_timed(
+        &self,
+        tokens: &[u32],
+        caches: &mut [&mut KvCache],
+    ) -> Result<Tensor, ModelError> {
         let cfg = &self.cfg;
         let n = tokens.len();
         let mut x = self.embed.lookup(tokens, &self.device)?;
@@ -233,39 +243,58 @@ impl Transformer {
                 .map(|(_, t)| t)
                 .ok_or(ModelError::Internal("rope tables missing"))?;
             // Attention.
-            let h = rms_rows(&x, &p.attn_norm, eps);
-            let [mut q, mut k, v] = parts(Linear::forward_values(
-                &[&layer.wq, &layer.wk, &layer.wv],
-                &h,
-                n,
-            )?)?;
-            add_bias(&mut q, &p.bq);
-            add_bias(&mut k, &p.bk);
-            let mut v = v;
-            add_bias(&mut v, &p.bv);
-            if let Some(w) = &p.q_norm {
-                q = rms_rows(&q, w, eps);
-            }
-            if let Some(w) = &p.k_norm {
-                k = rms_rows(&k, w, eps);
-            }
-            let kv = self.rotate_and_store(layer, index, &mut q, &mut k, &v, caches, tables)?;
-            let out = decode_attn::attend(&q, &kv, &heads)?;
+            let h = time(Phase::Norms, || rms_rows(&x, &p.attn_norm, eps));
+            let (q, k, v) = time(Phase::Qkv, || {
+                let [mut q, mut k, mut v] = parts(Linear::forward_values(
+                    &[&layer.wq, &layer.wk, &layer.wv],
+                    &h,
+                    n,
+                )?)?;
+                add_bias(&mut q, &p.bq);
+                add_bias(&mut k, &p.bk);
+                add_bias(&mut v, &p.bv);
+                if let Some(w) = &p.q_norm {
+                    q = rms_rows(&q, w, eps);
+                }
+                if let Some(w) = &p.k_norm {
+                    k = rms_rows(&k, w, eps);
+                }
+                Ok::<_, ModelError>((q, k, v))
+            })?;
+            let (mut q, mut k) = (q, k);
+            let kv = time(Phase::RopeAndStore, || {
+                self.rotate_and_store(layer, index, &mut q, &mut k, &v, caches, tables)
+            })?;
+            let out = time(Phase::Attention, || decode_attn::attend(&q, &kv, &heads))?;
             drop(kv);
-            let [mut o] = parts(Linear::forward_values(&[&layer.wo], &out, n)?)?;
-            if let Some(w) = &p.post_attn_norm {
-                o = rms_rows(&o, w, eps);
-            }
-            add(&mut x, &o);
+            let [o] = time(Phase::AttnOutput, || {
+                parts(Linear::forward_values(&[&layer.wo], &out, n)?)
+            })?;
+            time(Phase::Norms, || {
+                let o = match &p.post_attn_norm {
+                    Some(w) => rms_rows(&o, w, eps),
+                    None => o,
+                };
+                add(&mut x, &o);
+            });
             // MLP.
-            let h = rms_rows(&x, &p.ffn_norm, eps);
-            let [gate, up] = parts(Linear::forward_values(&[&layer.gate, &layer.up], &h, n)?)?;
-            let act = fused::gated_values(&gate, &up, cfg.activation);
-            let [mut d] = parts(Linear::forward_values(&[&layer.down], &act, n)?)?;
-            if let Some(w) = &p.post_ffn_norm {
-                d = rms_rows(&d, w, eps);
-            }
-            add(&mut x, &d);
+            let h = time(Phase::Norms, || rms_rows(&x, &p.ffn_norm, eps));
+            let [gate, up] = time(Phase::GateUp, || {
+                parts(Linear::forward_values(&[&layer.gate, &layer.up], &h, n)?)
+            })?;
+            let act = time(Phase::Activation, || {
+                fused::gated_values(&gate, &up, cfg.activation)
+            });
+            let [d] = time(Phase::Down, || {
+                parts(Linear::forward_values(&[&layer.down], &act, n)?)
+            })?;
+            time(Phase::Norms, || {
+                let d = match &p.post_ffn_norm {
+                    Some(w) => rms_rows(&d, w, eps),
+                    None => d,
+                };
+                add(&mut x, &d);
+            });
         }
         for c in caches.iter_mut() {
             c.advance(1);
@@ -274,8 +303,10 @@ impl Transformer {
             .out_norm_host
             .as_ref()
             .ok_or(ModelError::Internal("host parameters missing"))?;
-        let h = rms_rows(&x, norm, eps);
-        let [logits] = parts(Linear::forward_values(&[&self.output], &h, n)?)?;
+        let [logits] = time(Phase::Vocabulary, || {
+            let h = rms_rows(&x, norm, eps);
+            parts(Linear::forward_values(&[&self.output], &h, n)?)
+        })?;
         let vocab = logits.len() / n;
         Ok(Tensor::from_vec(logits, (n, vocab), &self.device)?)
     }
