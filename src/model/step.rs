@@ -82,6 +82,16 @@ fn add(x: &mut [f32], y: &[f32]) {
     }
 }
 
+/// `x += y`, with `y`'s rows normed first where the layer has a norm for them (Gemma's post
+/// norms).
+fn add_normed(x: &mut [f32], y: Vec<f32>, norm: &Option<Vec<f32>>, eps: f32) {
+    let y = match norm {
+        Some(w) => rms_rows(&y, w, eps),
+        None => y,
+    };
+    add(x, &y);
+}
+
 /// Each row of `x` plus `bias`.
 fn add_bias(x: &mut [f32], bias: &Option<Vec<f32>>) {
     if let Some(b) = bias {
@@ -271,11 +281,7 @@ impl Transformer {
                 parts(Linear::forward_values(&[&layer.wo], &out, n)?)
             })?;
             time(Phase::Norms, || {
-                let o = match &p.post_attn_norm {
-                    Some(w) => rms_rows(&o, w, eps),
-                    None => o,
-                };
-                add(&mut x, &o);
+                add_normed(&mut x, o, &p.post_attn_norm, eps)
             });
             // MLP.
             let h = time(Phase::Norms, || rms_rows(&x, &p.ffn_norm, eps));
@@ -289,11 +295,7 @@ impl Transformer {
                 parts(Linear::forward_values(&[&layer.down], &act, n)?)
             })?;
             time(Phase::Norms, || {
-                let d = match &p.post_ffn_norm {
-                    Some(w) => rms_rows(&d, w, eps),
-                    None => d,
-                };
-                add(&mut x, &d);
+                add_normed(&mut x, d, &p.post_ffn_norm, eps)
             });
         }
         for c in caches.iter_mut() {

@@ -1155,6 +1155,12 @@ mod tests {
         }
     }
 
+    /// A tensor's values as bits.
+    fn bits(t: &Tensor) -> Vec<u32> {
+        let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        v.iter().map(|v| v.to_bits()).collect()
+    }
+
     /// A matrix packed in pieces of rows (in any order, the last one short) is the matrix
     /// packed whole, in every stored format, the rewritten k-quants included; pieces that do
     /// not start on a group or that leave a group half filled are refused.
@@ -1192,15 +1198,6 @@ mod tests {
             let pieces = packer.finish();
             let x = Tensor::randn(0f32, 1.0, (3, k), &dev).unwrap();
             let (a, b) = (whole.matmul(&x).unwrap(), pieces.matmul(&x).unwrap());
-            let bits = |t: &Tensor| {
-                t.flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.to_bits())
-                    .collect::<Vec<_>>()
-            };
             assert_eq!(bits(&a), bits(&b), "{dtype:?}");
             let mut packer = Packer::new(dtype, n, k).unwrap();
             assert!(packer.rows(8, &bytes[8 * row..24 * row]).is_none());
@@ -1225,15 +1222,6 @@ mod tests {
         let all = p.matmul(&x).unwrap();
         for r in [0, 1, 33, 64, 69] {
             let one = p.matmul(&x.narrow(0, r, 1).unwrap()).unwrap();
-            let bits = |t: &Tensor| {
-                t.flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.to_bits())
-                    .collect::<Vec<_>>()
-            };
             assert_eq!(bits(&all.narrow(0, r, 1).unwrap()), bits(&one), "row {r}");
         }
     }
