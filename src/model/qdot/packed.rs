@@ -751,13 +751,14 @@ impl Packed {
                     items.push((j, first..groups.min(first + per)));
                 }
             }
-            candle_core::utils::barrier_pool().execute_chunked(items.len(), |range| {
-                for i in range {
+            // Item `i`'s work, with `$rows` (`m` empty slots) for its rows' result pieces.
+            macro_rules! work {
+                ($i:expr, $rows:expr) => {{
+                    let (i, rows) = ($i, $rows);
                     let (j, span) = &items[i];
-                    let mut rows: Vec<Option<_>> = pieces[i * m..(i + 1) * m]
-                        .iter()
-                        .map(|p| p.lock().ok())
-                        .collect();
+                    for (slot, p) in rows.iter_mut().zip(&pieces[i * m..(i + 1) * m]) {
+                        *slot = p.lock().ok();
+                    }
                     for tile in (0..m).step_by(ROW_TILE) {
                         for g in span.clone() {
                             let col = (g - span.start) * ROWS;
@@ -768,6 +769,18 @@ impl Packed {
                                 }
                             });
                         }
+                    }
+                }};
+            }
+            candle_core::utils::barrier_pool().execute_chunked(items.len(), |range| {
+                for i in range {
+                    if m <= PROMPT_ROWS {
+                        // A decode step's guards fit on the stack: no allocation per item.
+                        let mut rows: [Option<_>; PROMPT_ROWS] = std::array::from_fn(|_| None);
+                        work!(i, &mut rows[..m]);
+                    } else {
+                        let mut rows: Vec<Option<_>> = (0..m).map(|_| None).collect();
+                        work!(i, &mut rows[..]);
                     }
                 }
             });
