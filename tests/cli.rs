@@ -178,10 +178,12 @@ fn bench_profile_breaks_decode_steps_into_phases() {
     assert!(out.status.success(), "{}", stderr(&out));
     let _: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
     let err = stderr(&out);
+    // Lines are "  NAME   SECONDS s  SHARE%", the name padded with spaces (it has single
+    // spaces only).
     let share = |name: &str| -> f64 {
         let line = err
             .lines()
-            .find(|l| l.trim_start().starts_with(name))
+            .find(|l| l.trim_start().split("  ").next() == Some(name))
             .unwrap_or_else(|| panic!("no {name:?} in {err}"));
         line.trim_end()
             .trim_end_matches('%')
@@ -194,7 +196,7 @@ fn bench_profile_breaks_decode_steps_into_phases() {
         "norms and residuals",
         "Q/K/V projections",
         "rope and KV stores",
-        "attention ",
+        "attention",
         "attention output projection",
         "gate and up projections",
         "gated activation",

@@ -32,20 +32,22 @@ pub(crate) fn exp(x: f32) -> f32 {
     p = p.mul_add(r, 0.166_666_65);
     p = p.mul_add(r, 0.5);
     let p = p.mul_add(r * r, r) + 1.0;
-    // 2^n from n's bits: adding 1.5 * 2^23 puts the integer n (|n| <= 127) in the low bits of
-    // the mantissa. (`n as i32` is a saturating conversion that stays scalar, lane by lane,
-    // in vectorised loops: it made the gated activation several times slower.)
-    const MAGIC: f32 = 12_582_912.0;
-    let biased = (n + MAGIC)
-        .to_bits()
-        .wrapping_sub(MAGIC.to_bits())
-        .wrapping_add(127);
-    let scale = f32::from_bits(biased << 23);
+    // 2^n from n's bits (`n as i32` made the gated activation several times slower).
+    let scale = f32::from_bits((small_int(n).wrapping_add(127) as u32) << 23);
     if x < -87.3 {
         0.0
     } else {
         p * scale
     }
+}
+
+/// `v`, a whole number of magnitude below 2^22, as an integer: what `v as i32` gives for such
+/// values, from the bits of `v + 1.5 * 2^23` (whose mantissa's low bits then hold it). A
+/// saturating `as` conversion stays scalar, lane by lane, inside vectorised loops.
+#[inline(always)]
+pub(crate) fn small_int(v: f32) -> i32 {
+    const MAGIC: f32 = 12_582_912.0;
+    (v + MAGIC).to_bits().wrapping_sub(MAGIC.to_bits()) as i32
 }
 
 /// `x * sigmoid(x)`.
@@ -191,6 +193,16 @@ mod tests {
             let (got, want) = (exp(x), 2f32.powi(n));
             assert!(((got - want) / want).abs() < 1e-5, "2^{n}: {got} vs {want}");
         }
+    }
+
+    /// The bits trick gives `as i32` for the whole numbers it serves (quantized activations,
+    /// exponents).
+    #[test]
+    fn small_int_is_as_i32() {
+        for n in -127..=127 {
+            assert_eq!(small_int(n as f32), n);
+        }
+        assert_eq!(small_int(-0.0), 0);
     }
 
     /// GELU and SiLU against their formulas in f64, relative error, over the range activations

@@ -21,7 +21,7 @@ use std::path::Path;
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
 use candle_core::Device;
 
-use crate::gguf::{Architecture, GgufError, GgufFile, ModelSpec};
+use crate::gguf::{Architecture, GgufError, GgufFile, ModelSpec, TensorInfo};
 use qdot::packed::{Packed, Packer};
 
 pub use cache::{cache_type, set_cache_type, KvCache, KvCacheType};
@@ -30,8 +30,8 @@ pub(crate) use fused::exp as fast_exp;
 pub use linear::DENSE_MIN_ROWS;
 pub use transformer::{Activation, Config, RopeStyle, TensorSource, Transformer};
 
-/// Whether this CPU runs the packed int8 kernel (AVX-512 F, BW and VNNI), which computes every
-/// row of a matmul alike whatever the number of rows.
+/// Whether this CPU runs the packed int8 kernel (AVX2 or better), which computes every row of a
+/// matmul alike whatever the number of rows.
 pub fn packed_kernel() -> bool {
     qdot::packed::available()
 }
@@ -43,19 +43,30 @@ pub(crate) fn f32_values(t: &candle_core::Tensor) -> candle_core::Result<Vec<f32
         .to_vec1::<f32>()
 }
 
-/// `out` in pieces of `piece` elements (the last may be shorter), each filled by `f(index,
-/// piece)` on candle's worker pool (piece `index` starts at element `index * piece`).
-pub(crate) fn par_fill(out: &mut [f32], piece: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
-    let piece = piece.max(1);
-    let pieces: Vec<std::sync::Mutex<&mut [f32]>> =
-        out.chunks_mut(piece).map(std::sync::Mutex::new).collect();
-    candle_core::utils::barrier_pool().execute_chunked(pieces.len(), |range| {
+/// Each of `items` handed to `f(index, item)` on candle's worker pool: the way to give the
+/// pool's threads disjoint mutable pieces of work (each behind a lock of its own, never
+/// contended). A single item runs on the calling thread: there is nothing to share.
+pub(crate) fn par_each<T: Send>(items: Vec<T>, f: impl Fn(usize, &mut T) + Sync) {
+    if items.len() <= 1 {
+        for (i, mut item) in items.into_iter().enumerate() {
+            f(i, &mut item);
+        }
+        return;
+    }
+    let slots: Vec<std::sync::Mutex<T>> = items.into_iter().map(std::sync::Mutex::new).collect();
+    candle_core::utils::barrier_pool().execute_chunked(slots.len(), |range| {
         for i in range {
-            if let Ok(mut p) = pieces[i].lock() {
-                f(i, &mut p);
+            if let Ok(mut item) = slots[i].lock() {
+                f(i, &mut item);
             }
         }
     });
+}
+
+/// `out` in pieces of `piece` elements (the last may be shorter), each filled by `f(index,
+/// piece)` on candle's worker pool (piece `index` starts at element `index * piece`).
+pub(crate) fn par_fill<T: Send>(out: &mut [T], piece: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+    par_each(out.chunks_mut(piece.max(1)).collect(), |i, p| f(i, p));
 }
 
 /// What `make` computes from the input `x` for `key`, kept for the next call on this thread.
@@ -202,10 +213,13 @@ fn candle_dtype(code: u32) -> Option<GgmlDType> {
     })
 }
 
-impl GgufTensors<'_> {
-    /// The named tensor's candle type and shape (outermost first); `None` when the file lacks
-    /// it.
-    fn shape(&self, name: &str) -> Result<Option<(GgmlDType, Vec<usize>)>, ModelError> {
+/// A tensor's file entry, candle type and shape (outermost first).
+type Stored<'f> = (&'f TensorInfo, GgmlDType, Vec<usize>);
+
+impl<'f> GgufTensors<'f> {
+    /// The named tensor's entry, candle type and shape (outermost first); `None` when the file
+    /// lacks it.
+    fn shape(&self, name: &str) -> Result<Option<Stored<'f>>, ModelError> {
         let Some(info) = self.file.tensor(name) else {
             return Ok(None);
         };
@@ -213,35 +227,14 @@ impl GgufTensors<'_> {
             name: name.to_string(),
             ty: info.dtype.name().to_string(),
         })?;
-        Ok(Some((
-            dtype,
-            info.dims.iter().rev().map(|&d| d as usize).collect(),
-        )))
+        let dims = info.dims.iter().rev().map(|&d| d as usize).collect();
+        Ok(Some((info, dtype, dims)))
     }
 
-    /// The named tensor's stored bytes into `buf`.
-    fn read(&mut self, name: &str) -> Result<(), ModelError> {
-        let len = self.stored_bytes(name)?;
-        self.read_span(name, 0, len)
-    }
-
-    /// Bytes of the named tensor's stored data.
-    fn stored_bytes(&self, name: &str) -> Result<usize, ModelError> {
-        let info = self
-            .file
-            .tensor(name)
-            .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
-        usize::try_from(info.n_bytes).map_err(|_| ModelError::Internal("tensor size"))
-    }
-
-    /// Bytes `from..from + len` of the named tensor's stored data into `buf`.
-    fn read_span(&mut self, name: &str, from: usize, len: usize) -> Result<(), ModelError> {
-        let info = self
-            .file
-            .tensor(name)
-            .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
+    /// Bytes `from..from + len` of the tensor's stored data into `buf`.
+    fn read(&mut self, info: &TensorInfo, from: usize, len: usize) -> Result<(), ModelError> {
         let fail = |source| ModelError::Read {
-            name: name.to_string(),
+            name: info.name.clone(),
             path: self.path.display().to_string(),
             source,
         };
@@ -262,22 +255,27 @@ impl GgufTensors<'_> {
     }
 }
 
+/// A tensor's stored size as a `usize`.
+fn stored_bytes(info: &TensorInfo) -> Result<usize, ModelError> {
+    usize::try_from(info.n_bytes).map_err(|_| ModelError::Internal("tensor size"))
+}
+
 impl TensorSource for GgufTensors<'_> {
     fn load(&mut self, name: &str) -> Result<Option<QTensor>, ModelError> {
-        let Some((dtype, dims)) = self.shape(name)? else {
+        let Some((info, dtype, dims)) = self.shape(name)? else {
             return Ok(None);
         };
-        self.read(name)?;
+        self.read(info, 0, stored_bytes(info)?)?;
         let t = qtensor_from_ggml(dtype, &self.buf, dims, &self.device);
         self.release_large();
         Ok(Some(t?))
     }
 
     fn packed(&mut self, name: &str) -> Result<Option<Packed>, ModelError> {
-        let Some((dtype, dims)) = self.shape(name)? else {
+        let Some((info, dtype, dims)) = self.shape(name)? else {
             return Ok(None);
         };
-        if !self.device.is_cpu() || dims.len() != 2 || !Packed::takes(dtype) {
+        if !self.device.is_cpu() || dims.len() != 2 {
             return Ok(None);
         }
         let Some(mut packer) = Packer::new(dtype, dims[0], dims[1]) else {
@@ -288,13 +286,13 @@ impl TensorSource for GgufTensors<'_> {
         // kernel would clear first (that was most of a 7B model's load time).
         let row_bytes = packer.row_bytes();
         let n = dims[0];
-        if self.stored_bytes(name)? != n * row_bytes {
+        if stored_bytes(info)? != n * row_bytes {
             return Ok(None);
         }
         let rows = (PACK_PIECE / row_bytes.max(1)).max(1).next_multiple_of(16);
         for first in (0..n).step_by(rows) {
             let count = rows.min(n - first);
-            self.read_span(name, first * row_bytes, count * row_bytes)?;
+            self.read(info, first * row_bytes, count * row_bytes)?;
             if packer.rows(first, &self.buf).is_none() {
                 return Ok(None);
             }

@@ -148,49 +148,37 @@ impl Transformer {
         let cfg = &self.cfg;
         let n = caches.len().max(1);
         let (qw, kw) = (q.len() / n, k.len() / n);
-        type Item<'a> = (&'a mut KvCache, &'a mut [f32], &'a mut [f32], &'a [f32]);
-        let items: Vec<std::sync::Mutex<Item<'_>>> = caches
+        type Views = Result<(Tensor, Tensor), ModelError>;
+        let mut results: Vec<Option<Views>> = (0..caches.len()).map(|_| None).collect();
+        let items: Vec<_> = caches
             .iter_mut()
             .zip(q.chunks_mut(qw.max(1)))
             .zip(k.chunks_mut(kw.max(1)))
             .zip(v.chunks(kw.max(1)))
-            .map(|(((c, q), k), v)| std::sync::Mutex::new((&mut **c, q, k, v)))
+            .zip(results.iter_mut())
+            .map(|((((c, q), k), v), slot)| (&mut **c, q, k, v, slot))
             .collect();
-        type Views = Result<(Tensor, Tensor), ModelError>;
-        let results: Vec<std::sync::Mutex<Option<Views>>> = (0..items.len())
-            .map(|_| std::sync::Mutex::new(None))
-            .collect();
-        let work = |i: usize| {
-            let (Ok(mut item), Some((cos, sin))) = (items[i].lock(), tables.get(i)) else {
+        super::par_each(items, |i, (cache, qi, ki, vi, slot)| {
+            let Some((cos, sin)) = tables.get(i) else {
                 return;
             };
-            let (cache, qi, ki, vi) = &mut *item;
             let (dims, style, hd) = (cfg.rope_dims, cfg.rope_style, cfg.head_dim);
             rotate(qi, hd, dims, style, cos, sin);
             rotate(ki, hd, dims, style, cos, sin);
             let pos = cache.len();
-            let views = cache
-                .append_values(index, ki, vi, cfg.n_kv_heads, hd)
-                .and_then(|(k_all, v_all)| visible(layer, k_all, v_all, pos, pos + 1))
-                .map(|(k_all, v_all, _)| (k_all, v_all));
-            if let Ok(mut slot) = results[i].lock() {
-                *slot = Some(views);
-            }
-        };
-        if items.len() > 1 {
-            candle_core::utils::barrier_pool().execute_chunked(items.len(), |r| r.for_each(work));
-        } else {
-            (0..items.len()).for_each(work);
-        }
+            **slot = Some(
+                cache
+                    .append_values(index, ki, vi, cfg.n_kv_heads, hd)
+                    .and_then(|(k_all, v_all)| visible(layer, k_all, v_all, pos, pos + 1))
+                    .map(|(k_all, v_all, _)| (k_all, v_all)),
+            );
+        });
         results
             .into_iter()
             .map(|slot| {
-                slot.into_inner()
-                    .ok()
-                    .flatten()
-                    .unwrap_or(Err(ModelError::Internal(
-                        "a sequence's KV store did not run",
-                    )))
+                slot.unwrap_or(Err(ModelError::Internal(
+                    "a sequence's KV store did not run",
+                )))
             })
             .collect()
     }

@@ -7,7 +7,7 @@
 //! without the block headers between the quants. candle's serial quantizer was 8% of SmolLM2's
 //! prefill.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use candle_core::Tensor;
 
@@ -40,6 +40,14 @@ impl Acts {
     }
 }
 
+/// One row's share of a [`Quantized`]: bytes, scales, and Q8_1's scaled sums or the sums.
+type Row<'a> = (
+    &'a mut [u8],
+    &'a mut [f32],
+    Option<&'a mut [f32]>,
+    Option<&'a mut [i32]>,
+);
+
 pub(super) struct Quantized {
     /// `[row][value]`, as signed bytes.
     pub q: Vec<u8>,
@@ -64,15 +72,6 @@ fn round(v: f32) -> f32 {
     }
 }
 
-/// `v`, a whole number of magnitude at most 127, as an integer: `v as i32` for such values,
-/// from the bits of `v + 1.5 * 2^23` (whose mantissa's low bits then hold it). A saturating
-/// `as` conversion stays scalar, lane by lane, inside vectorised loops.
-#[inline(always)]
-fn small_int(v: f32) -> i32 {
-    const MAGIC: f32 = 12_582_912.0;
-    (v + MAGIC).to_bits().wrapping_sub(MAGIC.to_bits()) as i32
-}
-
 /// One block as candle rounds it: `(d, s as Q8_1 stores it, sum of the quants)`.
 fn block(x: &[f32], q: &mut [u8]) -> (half::f16, half::f16, i32) {
     // The largest magnitude (any order gives the same maximum), in eight lanes that vectorise
@@ -94,7 +93,7 @@ fn block(x: &[f32], q: &mut [u8]) -> (half::f16, half::f16, i32) {
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     let mut sum = 0i32;
     for (q, &v) in q.iter_mut().zip(x) {
-        let v = small_int(round(v * id));
+        let v = super::super::fused::small_int(round(v * id));
         sum += v;
         *q = v as u8;
     }
@@ -144,57 +143,46 @@ pub(super) fn quantize_values(
         sums: vec![0; rows * blocks * acts.sums_per_block()],
     };
     let per = acts.sums_per_block().max(1);
-    {
-        // Per row: its bytes, scales and sums, each behind a lock of its own (never contended).
-        let second: Vec<&mut [f32]> = out.s.chunks_mut(blocks).collect();
-        let sums: Vec<&mut [i32]> = out.sums.chunks_mut(blocks * per).collect();
-        let mut second = second.into_iter();
-        let mut sums = sums.into_iter();
-        type Slot<'a> = (
-            &'a mut [u8],
-            &'a mut [f32],
-            Option<&'a mut [f32]>,
-            Option<&'a mut [i32]>,
-        );
-        let slots: Vec<Mutex<Slot<'_>>> = out
-            .q
-            .chunks_mut(k)
-            .zip(out.d.chunks_mut(blocks))
-            .map(|(q, d)| Mutex::new((q, d, second.next(), sums.next())))
-            .collect();
-        let fill = |r: usize| {
-            let Ok(mut slot) = slots[r].lock() else {
-                return;
-            };
-            let (q, d, s, sums) = &mut *slot;
-            let x = &values[r * k..(r + 1) * k];
-            for b in 0..blocks {
-                let span = b * BLOCK..(b + 1) * BLOCK;
-                let (dh, sh, sum) = block(&x[span.clone()], &mut q[span]);
-                d[b] = dh.to_f32();
-                if let Some(s) = s {
-                    s[b] = sh.to_f32();
-                }
-                match (acts, sums.as_deref_mut()) {
-                    (Acts::Sums(offset), Some(sums)) => sums[b] = offset * sum,
-                    (Acts::HalfSums(offset), Some(sums)) => {
-                        let first: i32 = q[b * BLOCK..b * BLOCK + BLOCK / 2]
-                            .iter()
-                            .map(|&v| i32::from(v as i8))
-                            .sum();
-                        sums[2 * b] = offset * first;
-                        sums[2 * b + 1] = offset * (sum - first);
-                    }
-                    _ => {}
-                }
+    // Per row: its bytes, scales and (by format) scaled sums or sums.
+    let mut second = out.s.chunks_mut(blocks);
+    let mut sums = out.sums.chunks_mut(blocks * per);
+    let rows_out: Vec<_> = out
+        .q
+        .chunks_mut(k)
+        .zip(out.d.chunks_mut(blocks))
+        .map(|(q, d)| (q, d, second.next(), sums.next()))
+        .collect();
+    let fill = |r: usize, (q, d, s, sums): &mut Row<'_>| {
+        let x = &values[r * k..(r + 1) * k];
+        for b in 0..blocks {
+            let span = b * BLOCK..(b + 1) * BLOCK;
+            let (dh, sh, sum) = block(&x[span.clone()], &mut q[span]);
+            d[b] = dh.to_f32();
+            if let Some(s) = s {
+                s[b] = sh.to_f32();
             }
-        };
-        if rows < 2 || rows * k < POOL_VALUES {
-            // A decode step's row or few: handing them to the pool costs more than it saves.
-            (0..rows).for_each(fill);
-        } else {
-            candle_core::utils::barrier_pool().execute_chunked(rows, |range| range.for_each(fill));
+            match (acts, sums.as_deref_mut()) {
+                (Acts::Sums(offset), Some(sums)) => sums[b] = offset * sum,
+                (Acts::HalfSums(offset), Some(sums)) => {
+                    let first: i32 = q[b * BLOCK..b * BLOCK + BLOCK / 2]
+                        .iter()
+                        .map(|&v| i32::from(v as i8))
+                        .sum();
+                    sums[2 * b] = offset * first;
+                    sums[2 * b + 1] = offset * (sum - first);
+                }
+                _ => {}
+            }
         }
+    };
+    if rows < 2 || rows * k < POOL_VALUES {
+        // A decode step's row or few: handing them to the pool costs more than it saves.
+        let mut rows_out = rows_out;
+        for (r, row) in rows_out.iter_mut().enumerate() {
+            fill(r, row);
+        }
+    } else {
+        super::super::par_each(rows_out, fill);
     }
     Ok(out)
 }
@@ -220,10 +208,6 @@ mod tests {
         ] {
             assert_eq!(super::round(v).to_bits(), v.round().to_bits(), "{v}");
         }
-        for n in -127..=127 {
-            assert_eq!(super::small_int(n as f32), n);
-        }
-        assert_eq!(super::small_int(-0.0), 0);
         let mut v = -130.0f32;
         while v < 130.0 {
             assert_eq!(super::round(v), v.round(), "{v}");

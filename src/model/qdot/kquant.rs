@@ -134,24 +134,14 @@ pub(super) fn rewrite(
     // values).
     const PIECE: usize = 1024;
     let failed = std::sync::atomic::AtomicBool::new(false);
-    let pieces: Vec<std::sync::Mutex<&mut [u8]>> = out
-        .chunks_mut(PIECE * 8 * to_bytes)
-        .map(std::sync::Mutex::new)
-        .collect();
-    candle_core::utils::barrier_pool().execute_chunked(pieces.len(), |range| {
-        for i in range {
-            let Ok(mut dst) = pieces[i].lock() else {
-                continue;
-            };
-            let src = data.chunks_exact(from_bytes).skip(i * PIECE);
-            for (src, dst) in src.zip(dst.chunks_exact_mut(8 * to_bytes)) {
-                if super_block(src, dst, dtype == GgmlDType::Q5K).is_none() {
-                    failed.store(true, std::sync::atomic::Ordering::Relaxed);
-                }
+    super::super::par_fill(out, PIECE * 8 * to_bytes, |i, dst| {
+        let src = data.chunks_exact(from_bytes).skip(i * PIECE);
+        for (src, dst) in src.zip(dst.chunks_exact_mut(8 * to_bytes)) {
+            if super_block(src, dst, dtype == GgmlDType::Q5K).is_none() {
+                failed.store(true, std::sync::atomic::Ordering::Relaxed);
             }
         }
     });
-    drop(pieces);
     (!failed.into_inner()).then_some(to)
 }
 

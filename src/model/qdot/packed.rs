@@ -182,7 +182,7 @@ impl Kind {
     }
 }
 
-/// A Q4_1, Q5_0 or Q8_0 matrix in groups of sixteen rows.
+/// A matrix of one of the [`Kind`]s in groups of sixteen rows.
 pub struct Packed {
     kind: Kind,
     n: usize,
@@ -190,10 +190,11 @@ pub struct Packed {
     blocks: usize,
     /// `[group][block][kind.chunks()]`.
     quants: Pages<Chunk>,
-    /// `[group][block]`: sixteen f16 scales, then (Q4_1) sixteen f16 minimums.
+    /// `[group][block]`: sixteen f16 scales, then (Q4_1, Q5_1) sixteen f16 minimums or (Q6_K)
+    /// the second half block's sixteen scales.
     scales: Pages<u16>,
-    /// Q5_0: `[group][block][8]`, the fifth bits of chunk-word `t` (bit `4 * row + i` is value
-    /// `4t + i` of that row), as a byte mask.
+    /// Q5_0, Q5_1: `[group][block][8]`, the fifth bits of chunk-word `t` (bit `4 * row + i` is
+    /// value `4t + i` of that row); Q6_K: `[group][block][16]`, fifth bits then sixth.
     high: Pages<u64>,
 }
 
@@ -486,21 +487,15 @@ impl Packed {
         let quants = &mut self.quants[groups.start * blocks * chunks..groups.end * blocks * chunks];
         let scales =
             &mut self.scales[groups.start * blocks * per_block..groups.end * blocks * per_block];
-        let hs: Vec<&mut [u64]> = if masks > 0 {
-            self.high[groups.start * blocks * masks..groups.end * blocks * masks]
-                .chunks_mut(blocks * masks)
-                .collect()
-        } else {
-            Vec::new()
-        };
-        let mut hs = hs.into_iter();
-        type Slot<'a> = (&'a mut [Chunk], &'a mut [u16], Option<&'a mut [u64]>);
-        let slots: Vec<Mutex<Slot<'_>>> = quants
+        let mut high = self.high[groups.start * blocks * masks..groups.end * blocks * masks]
+            .chunks_mut((blocks * masks).max(1));
+        let slots: Vec<_> = quants
             .chunks_mut(blocks * chunks)
             .zip(scales.chunks_mut(blocks * per_block))
-            .map(|(q, s)| Mutex::new((q, s, hs.next())))
+            .map(|(q, s)| (q, s, high.next()))
             .collect();
-        let fill = |g: usize, (quants, scales, high): &mut Slot<'_>| {
+        super::super::par_each(slots, |i, (quants, scales, high)| {
+            let g = groups.start + i;
             let rows: Vec<&[u8]> = (g * ROWS..end.min((g + 1) * ROWS))
                 .map(|row| &data[(row - first) * row_bytes..(row - first + 1) * row_bytes])
                 .collect();
@@ -522,13 +517,6 @@ impl Packed {
                 Kind::Q8_0 => fill_blocks::<Q8_0>(&rows, quants, scales, high.as_deref_mut()),
                 Kind::Q4_0 => fill_blocks::<Q4_0>(&rows, quants, scales, high.as_deref_mut()),
                 Kind::Q5_1 => fill_blocks::<Q5_1>(&rows, quants, scales, high.as_deref_mut()),
-            }
-        };
-        candle_core::utils::barrier_pool().execute_chunked(groups.len(), |range| {
-            for i in range {
-                if let Ok(mut slot) = slots[i].lock() {
-                    fill(groups.start + i, &mut slot);
-                }
             }
         });
     }
@@ -555,53 +543,27 @@ impl Packed {
                 let d = half(lane);
                 // Stored byte of value v (Q8_0), or the byte holding its nibble.
                 let byte = |v: usize| self.quants[gb * chunks + v / 4].0[lane * 4 + v % 4];
+                let nibble = |v: usize| {
+                    if v < 16 {
+                        byte(v) & 0x0F
+                    } else {
+                        byte(v - 16) >> 4
+                    }
+                };
+                // Bit `v` of the group-block's mask `m` (fifth bits; Q6_K's sixth at `m = 8`).
+                let bit = |m: usize, v: usize| {
+                    ((self.high[gb * self.kind.masks() + m + v / 4] >> (4 * lane + v % 4)) & 1)
+                        as u8
+                };
                 for (v, o) in out.iter_mut().enumerate() {
                     *o = match self.kind {
                         Kind::Q8_0 => f32::from((byte(v) ^ 0x80) as i8) * d,
-                        Kind::Q4_1 => {
-                            let q = if v < 16 {
-                                byte(v) & 0x0F
-                            } else {
-                                byte(v - 16) >> 4
-                            };
-                            f32::from(q) * d + half(ROWS + lane)
-                        }
-                        Kind::Q5_0 => {
-                            let q = if v < 16 {
-                                byte(v) & 0x0F
-                            } else {
-                                byte(v - 16) >> 4
-                            };
-                            let fifth = (self.high[gb * 8 + v / 4] >> (4 * lane + v % 4)) & 1;
-                            f32::from((q | (fifth as u8) << 4) as i8 - 16) * d
-                        }
-                        Kind::Q4_0 => {
-                            let q = if v < 16 {
-                                byte(v) & 0x0F
-                            } else {
-                                byte(v - 16) >> 4
-                            };
-                            f32::from(q as i8 - 8) * d
-                        }
-                        Kind::Q5_1 => {
-                            let q = if v < 16 {
-                                byte(v) & 0x0F
-                            } else {
-                                byte(v - 16) >> 4
-                            };
-                            let fifth = (self.high[gb * 8 + v / 4] >> (4 * lane + v % 4)) & 1;
-                            f32::from(q | (fifth as u8) << 4) * d + half(ROWS + lane)
-                        }
+                        Kind::Q4_1 => f32::from(nibble(v)) * d + half(ROWS + lane),
+                        Kind::Q5_0 => f32::from((nibble(v) | bit(0, v) << 4) as i8 - 16) * d,
+                        Kind::Q4_0 => f32::from(nibble(v) as i8 - 8) * d,
+                        Kind::Q5_1 => f32::from(nibble(v) | bit(0, v) << 4) * d + half(ROWS + lane),
                         Kind::Q6K => {
-                            let q = if v < 16 {
-                                byte(v) & 0x0F
-                            } else {
-                                byte(v - 16) >> 4
-                            };
-                            let bit = |m: usize| {
-                                ((self.high[gb * 16 + m + v / 4] >> (4 * lane + v % 4)) & 1) as u8
-                            };
-                            let q = q | bit(0) << 4 | bit(8) << 5;
+                            let q = nibble(v) | bit(0, v) << 4 | bit(8, v) << 5;
                             let d = if v < 16 { d } else { half(ROWS + lane) };
                             f32::from(q as i8 - 32) * d
                         }
