@@ -40,7 +40,7 @@ impl Acts {
     }
 }
 
-/// One row's share of a [`Quantized`]: bytes, scales, and Q8_1's scaled sums or the sums.
+/// One row's share of a [`Quantized`]: bytes, scales, and Q8_1's scaled sums or the biases.
 type Row<'a> = (
     &'a mut [u8],
     &'a mut [f32],
@@ -55,9 +55,10 @@ pub(super) struct Quantized {
     pub d: Vec<f32>,
     /// Q8_1 only: `[row][block]`.
     pub s: Vec<f32>,
-    /// Q8_0 only: `[row][block]` (`[row][block][half]` for half sums), the offset times the
-    /// sum of the block's (half block's) bytes.
-    pub sums: Vec<i32>,
+    /// Q8_0 only: `[row][block]` (`[row][block][half]` for half sums), minus the offset times
+    /// the sum of the block's (half block's) bytes: what the weights' offset adds to the
+    /// block's integer sum, taken back. The kernels start the block's sum from it.
+    pub bias: Vec<i32>,
 }
 
 /// `f32::round` (halves away from zero), written so that it vectorises: `round` itself
@@ -102,7 +103,7 @@ fn block(x: &[f32], q: &mut [u8]) -> (half::f16, half::f16, i32) {
 }
 
 /// `x` as `rows` rows of `k` values, quantized as Q8_1 (`offset` `None`, for Q4_1 weights) or
-/// as Q8_0 with the block sums times `offset`; once per input ([`super::super::per_input`]).
+/// as Q8_0 with minus the block sums times `offset`; once per input ([`super::super::per_input`]).
 ///
 /// # Errors
 /// A candle failure reading `x`.
@@ -140,19 +141,19 @@ pub(super) fn quantize_values(
         q: vec![0; rows * k],
         d: vec![0.0; rows * blocks],
         s: vec![0.0; if acts == Acts::Q8_1 { rows * blocks } else { 0 }],
-        sums: vec![0; rows * blocks * acts.sums_per_block()],
+        bias: vec![0; rows * blocks * acts.sums_per_block()],
     };
     let per = acts.sums_per_block().max(1);
-    // Per row: its bytes, scales and (by format) scaled sums or sums.
+    // Per row: its bytes, scales and (by format) scaled sums or biases.
     let mut second = out.s.chunks_mut(blocks);
-    let mut sums = out.sums.chunks_mut(blocks * per);
+    let mut bias = out.bias.chunks_mut(blocks * per);
     let rows_out: Vec<_> = out
         .q
         .chunks_mut(k)
         .zip(out.d.chunks_mut(blocks))
-        .map(|(q, d)| (q, d, second.next(), sums.next()))
+        .map(|(q, d)| (q, d, second.next(), bias.next()))
         .collect();
-    let fill = |r: usize, (q, d, s, sums): &mut Row<'_>| {
+    let fill = |r: usize, (q, d, s, bias): &mut Row<'_>| {
         let x = &values[r * k..(r + 1) * k];
         for b in 0..blocks {
             let span = b * BLOCK..(b + 1) * BLOCK;
@@ -161,15 +162,15 @@ pub(super) fn quantize_values(
             if let Some(s) = s {
                 s[b] = sh.to_f32();
             }
-            match (acts, sums.as_deref_mut()) {
-                (Acts::Sums(offset), Some(sums)) => sums[b] = offset * sum,
-                (Acts::HalfSums(offset), Some(sums)) => {
+            match (acts, bias.as_deref_mut()) {
+                (Acts::Sums(offset), Some(bias)) => bias[b] = -offset * sum,
+                (Acts::HalfSums(offset), Some(bias)) => {
                     let first: i32 = q[b * BLOCK..b * BLOCK + BLOCK / 2]
                         .iter()
                         .map(|&v| i32::from(v as i8))
                         .sum();
-                    sums[2 * b] = offset * first;
-                    sums[2 * b + 1] = offset * (sum - first);
+                    bias[2 * b] = -offset * first;
+                    bias[2 * b + 1] = -offset * (sum - first);
                 }
                 _ => {}
             }

@@ -59,7 +59,7 @@ unsafe fn dot4<const VNNI: bool>(acc: __m256i, w: __m256i, x: __m256i) -> __m256
 #[inline(always)]
 unsafe fn tile<const C: usize, const K: u8, const VNNI: bool>(
     g: Group<'_>,
-    rows: [Row<'_>; C],
+    rows: &[Row<'_>; C],
 ) -> [[f32; ROWS]; C] {
     let kind = Kind::from_code(K);
     let (q8_0, q6k) = (kind == Kind::Q8_0, kind == Kind::Q6K);
@@ -122,7 +122,7 @@ unsafe fn tile<const C: usize, const K: u8, const VNNI: bool>(
                 _mm256_setzero_ps()
             };
             for c in 0..C {
-                let r = rows[c];
+                let r = &rows[c];
                 let x = r.bytes.as_ptr().add(b * BLOCK);
                 let word =
                     |t: usize| _mm256_set1_epi32(x.add(4 * t).cast::<i32>().read_unaligned());
@@ -137,21 +137,16 @@ unsafe fn tile<const C: usize, const K: u8, const VNNI: bool>(
                     }
                 };
                 if q6k {
-                    let half_sum = |t: usize| {
-                        let a = dot4::<VNNI>(zero, w[t], word(t));
+                    // Each half block's sum starts from its bias.
+                    let half_sum = |t: usize, bias: i32| {
+                        let a = dot4::<VNNI>(_mm256_set1_epi32(bias), w[t], word(t));
                         let b = dot4::<VNNI>(zero, w[t + 1], word(t + 1));
                         let a = dot4::<VNNI>(a, w[t + 2], word(t + 2));
                         let b = dot4::<VNNI>(b, w[t + 3], word(t + 3));
                         _mm256_add_epi32(a, b)
                     };
-                    let s0 = _mm256_sub_epi32(
-                        half_sum(0),
-                        _mm256_set1_epi32(*r.sums.get_unchecked(2 * b)),
-                    );
-                    let s1 = _mm256_sub_epi32(
-                        half_sum(4),
-                        _mm256_set1_epi32(*r.sums.get_unchecked(2 * b + 1)),
-                    );
+                    let s0 = half_sum(0, *r.bias.get_unchecked(2 * b));
+                    let s1 = half_sum(4, *r.bias.get_unchecked(2 * b + 1));
                     let dx = _mm256_set1_ps(*r.d.get_unchecked(b));
                     let f = _mm256_fmadd_ps(
                         _mm256_cvtepi32_ps(s1),
@@ -161,16 +156,20 @@ unsafe fn tile<const C: usize, const K: u8, const VNNI: bool>(
                     acc[c] = _mm256_fmadd_ps(f, dx, acc[c]);
                     continue;
                 }
-                let mut s0 = dot(zero, 0);
+                // The first chain starts from the bias that takes back the weights' offset
+                // (none for the formats with a minimum, nor for signed Q8_0).
+                let start = if with_min || signed {
+                    zero
+                } else {
+                    _mm256_set1_epi32(*r.bias.get_unchecked(b))
+                };
+                let mut s0 = dot(start, 0);
                 let mut s1 = dot(zero, 1);
                 for t in (2..8).step_by(2) {
                     s0 = dot(s0, t);
                     s1 = dot(s1, t + 1);
                 }
-                let mut s = _mm256_add_epi32(s0, s1);
-                if !with_min && !signed {
-                    s = _mm256_sub_epi32(s, _mm256_set1_epi32(*r.sums.get_unchecked(b)));
-                }
+                let s = _mm256_add_epi32(s0, s1);
                 let dx = _mm256_set1_ps(*r.d.get_unchecked(b));
                 let mut f = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(s), dw), dx);
                 if with_min {
@@ -194,7 +193,7 @@ unsafe fn tile<const C: usize, const K: u8, const VNNI: bool>(
 #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
 pub(super) unsafe fn tile_vnni<const C: usize, const K: u8>(
     g: Group<'_>,
-    rows: [Row<'_>; C],
+    rows: &[Row<'_>; C],
 ) -> [[f32; ROWS]; C] {
     tile::<C, K, true>(g, rows)
 }
@@ -206,7 +205,7 @@ pub(super) unsafe fn tile_vnni<const C: usize, const K: u8>(
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn tile_avx2<const C: usize, const K: u8>(
     g: Group<'_>,
-    rows: [Row<'_>; C],
+    rows: &[Row<'_>; C],
 ) -> [[f32; ROWS]; C] {
     tile::<C, K, false>(g, rows)
 }

@@ -21,8 +21,6 @@
 //! own AVX code sums in another order: the results differ from its by float rounding).
 #![allow(unsafe_code)]
 
-use std::sync::Mutex;
-
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 
@@ -51,15 +49,15 @@ const Q6K_BYTES: usize = 210;
 pub(super) struct Chunk(pub [u8; 64]);
 
 /// One activation row as the kernel reads it: its quantized blocks and, per block, the f32
-/// scale and either Q8_1's scaled sum (Q4_1) or the sum of its quants times the offset the
-/// weights are stored with (16 for Q5_0, 128 for Q8_0).
+/// scale and either Q8_1's scaled sum (Q4_1) or minus the sum of its quants times the offset
+/// the weights are stored with (16 for Q5_0, 128 for Q8_0): the start of the block's sum.
 #[derive(Clone, Copy)]
 pub(super) struct Row<'a> {
     /// The row's quants, 32 per block.
     pub bytes: &'a [u8],
     pub d: &'a [f32],
     pub s: &'a [f32],
-    pub sums: &'a [i32],
+    pub bias: &'a [i32],
 }
 
 /// A group of sixteen packed weight rows: per block, four chunks of nibbles (eight of bytes for
@@ -654,6 +652,7 @@ impl Packed {
     fn matmul_quantized(mats: &[&Self], xq: &super::acts::Quantized, m: usize) -> Vec<Vec<f32>> {
         let (k, blocks) = (mats[0].k, mats[0].blocks);
         let per_block_sums = mats[0].kind.acts().sums_per_block();
+        // Every row's pieces, made once: the kernel calls take them per group of weights.
         let row = |r: usize| {
             let span = r * blocks..(r + 1) * blocks;
             Row {
@@ -664,13 +663,14 @@ impl Packed {
                 } else {
                     &xq.s[span.clone()]
                 },
-                sums: if xq.sums.is_empty() {
+                bias: if xq.bias.is_empty() {
                     &[]
                 } else {
-                    &xq.sums[span.start * per_block_sums..span.end * per_block_sums]
+                    &xq.bias[span.start * per_block_sums..span.end * per_block_sums]
                 },
             }
         };
+        let all: Vec<Row<'_>> = (0..m).map(row).collect();
         let mut ys: Vec<Vec<f32>> = mats.iter().map(|p| vec![0f32; m * p.n]).collect();
         // A matrix larger than a core's cache would be read from memory again by every span of
         // rows (eight times for a 64-token chunk): those (a 7B model's) are split by weight
@@ -686,9 +686,8 @@ impl Packed {
                     let rows = i * span..((i + 1) * span).min(m);
                     let base = rows.start;
                     for g in 0..n.div_ceil(ROWS) {
-                        p.run(g, rows.clone(), row, |r, v, cols| {
-                            let at = (r - base) * n + g * ROWS;
-                            out[at..at + cols].copy_from_slice(&v[..cols]);
+                        p.run(g, &all, rows.clone(), |r, v, cols| {
+                            put_cols(&mut out[(r - base) * n + g * ROWS..], v, cols);
                         });
                     }
                 });
@@ -698,9 +697,10 @@ impl Packed {
             // groups of weight rows (up to sixteen per matrix), each writing its columns of
             // every row of its matrix's result, a tile of rows at a time against all of its
             // groups (the tile's activations stay in cache, and so do the span's weights).
-            // The `m` row pieces of item `i` are `pieces[i * m..(i + 1) * m]`.
-            let mut items = Vec::new();
-            let mut pieces = Vec::new();
+            // Item `i`'s `m` row pieces are `pieces[i * m..(i + 1) * m]`, handed to it whole
+            // (one lock per item, none per row).
+            let mut spans = Vec::new();
+            let mut pieces: Vec<&mut [f32]> = Vec::new();
             for (j, (p, y)) in mats.iter().zip(ys.iter_mut()).enumerate() {
                 let groups = p.n.div_ceil(ROWS);
                 let per = groups.div_ceil(16);
@@ -709,40 +709,21 @@ impl Packed {
                     .map(|r| r.chunks_mut(per * ROWS))
                     .collect();
                 for first in (0..groups).step_by(per) {
-                    pieces.extend(rows.iter_mut().filter_map(Iterator::next).map(Mutex::new));
-                    items.push((j, first..groups.min(first + per)));
+                    pieces.extend(rows.iter_mut().filter_map(Iterator::next));
+                    spans.push((j, first..groups.min(first + per)));
                 }
             }
-            // Item `i`'s work, with `$rows` (`m` empty slots) for its rows' result pieces.
-            macro_rules! work {
-                ($i:expr, $rows:expr) => {{
-                    let (i, rows) = ($i, $rows);
-                    let (j, span) = &items[i];
-                    for (slot, p) in rows.iter_mut().zip(&pieces[i * m..(i + 1) * m]) {
-                        *slot = p.lock().ok();
-                    }
-                    for tile in (0..m).step_by(ROW_TILE) {
-                        for g in span.clone() {
-                            let col = (g - span.start) * ROWS;
-                            let tile = tile..m.min(tile + ROW_TILE);
-                            mats[*j].run(g, tile, row, |r, v, cols| {
-                                if let Some(Some(out)) = rows.get_mut(r) {
-                                    out[col..col + cols].copy_from_slice(&v[..cols]);
-                                }
-                            });
-                        }
-                    }
-                }};
-            }
-            candle_core::utils::barrier_pool().execute_chunked(items.len(), |range| {
-                for i in range {
-                    if m <= PROMPT_ROWS {
-                        // A decode step's guards fit on the stack: no allocation per item.
-                        let mut rows: [Option<_>; PROMPT_ROWS] = std::array::from_fn(|_| None);
-                        work!(i, &mut rows[..m]);
-                    } else {
-                        let mut rows: Vec<Option<_>> = (0..m).map(|_| None).collect();
-                        work!(i, &mut rows[..]);
+            let items: Vec<_> = spans.into_iter().zip(pieces.chunks_mut(m.max(1))).collect();
+            super::super::par_each(items, |_, ((j, span), rows)| {
+                for tile in (0..m).step_by(ROW_TILE) {
+                    for g in span.clone() {
+                        let col = (g - span.start) * ROWS;
+                        let tile = tile..m.min(tile + ROW_TILE);
+                        mats[*j].run(g, &all, tile, |r, v, cols| {
+                            if let Some(out) = rows.get_mut(r) {
+                                put_cols(&mut out[col..], v, cols);
+                            }
+                        });
                     }
                 }
             });
@@ -750,34 +731,36 @@ impl Packed {
         ys
     }
 
-    /// Activation rows `rows` (as `row` gives them) against group `g`, in tiles of eight, four
-    /// and one: `put(r, results, cols)` receives row `r`'s results for the group's `cols` rows.
-    fn run<'r>(
+    /// Activation rows `rows[span]` against group `g`, in tiles of eight, four and one:
+    /// `put(r, results, cols)` receives row `r`'s results for the group's `cols` rows.
+    fn run(
         &self,
         g: usize,
-        rows: std::ops::Range<usize>,
-        row: impl Fn(usize) -> Row<'r>,
+        rows: &[Row<'_>],
+        span: std::ops::Range<usize>,
         mut put: impl FnMut(usize, &[f32; ROWS], usize),
     ) {
         let group = self.group(g);
         let cols = ROWS.min(self.n - g * ROWS);
-        let mut r = rows.start;
-        while r + 2 * TILE <= rows.end {
-            let tile: [_; 2 * TILE] = std::array::from_fn(|i| row(r + i));
+        let mut r = span.start;
+        // The tiles are the callers' rows in place: a kernel call copies none of them.
+        while let Some(tile) = rows
+            .get(r..span.end)
+            .and_then(|t| t.first_chunk::<{ 2 * TILE }>())
+        {
             for (i, v) in self.tile(group, tile).iter().enumerate() {
                 put(r + i, v, cols);
             }
             r += 2 * TILE;
         }
-        while r + TILE <= rows.end {
-            let tile: [_; TILE] = std::array::from_fn(|i| row(r + i));
+        while let Some(tile) = rows.get(r..span.end).and_then(|t| t.first_chunk::<TILE>()) {
             for (i, v) in self.tile(group, tile).iter().enumerate() {
                 put(r + i, v, cols);
             }
             r += TILE;
         }
-        for r in r..rows.end {
-            let [v] = self.tile(group, [row(r)]);
+        for (r, one) in rows.iter().enumerate().take(span.end).skip(r) {
+            let [v] = self.tile(group, std::array::from_ref(one));
             put(r, &v, cols);
         }
     }
@@ -797,7 +780,7 @@ impl Packed {
     }
 
     /// The kernel for one group and `C` rows, the lengths checked first.
-    fn tile<const C: usize>(&self, g: Group<'_>, rows: [Row<'_>; C]) -> [[f32; ROWS]; C] {
+    fn tile<const C: usize>(&self, g: Group<'_>, rows: &[Row<'_>; C]) -> [[f32; ROWS]; C] {
         let (b, kind) = (g.blocks, self.kind);
         assert!(g.quants.len() == b * kind.chunks() && g.scales.len() == b * kind.scales());
         assert!(g.high.len() == b * kind.masks());
@@ -806,7 +789,7 @@ impl Packed {
             && (if kind.acts() == Acts::Q8_1 {
                 r.s.len()
             } else {
-                r.sums.len()
+                r.bias.len()
             }) == b * kind.acts().sums_per_block().max(1)));
         let kernel = kernel();
         assert!(kernel.is_some());
@@ -818,7 +801,7 @@ impl Packed {
     fn tile_on<const C: usize>(
         kernel: Option<Kernel>,
         g: Group<'_>,
-        rows: [Row<'_>; C],
+        rows: &[Row<'_>; C],
         kind: Kind,
     ) -> [[f32; ROWS]; C] {
         #[cfg(target_arch = "x86_64")]
@@ -852,6 +835,17 @@ impl Packed {
         }
         #[cfg(not(target_arch = "x86_64"))]
         unreachable!("no packed matrices off x86")
+    }
+}
+
+/// The first `cols` of a group's results into `out` (a whole group's as one fixed-size copy,
+/// not a call to `memcpy`).
+#[inline(always)]
+fn put_cols(out: &mut [f32], v: &[f32; ROWS], cols: usize) {
+    if let Some(whole) = out.first_chunk_mut::<ROWS>().filter(|_| cols == ROWS) {
+        *whole = *v;
+    } else {
+        out[..cols].copy_from_slice(&v[..cols]);
     }
 }
 
@@ -1045,14 +1039,14 @@ mod tests {
             } else {
                 &xq.s[r * blocks..(r + 1) * blocks]
             },
-            sums: &xq.sums[r * blocks * per..(r + 1) * blocks * per],
+            bias: &xq.bias[r * blocks * per..(r + 1) * blocks * per],
         };
         on.iter()
             .map(|&kernel| {
                 (0..packed.n.div_ceil(ROWS))
                     .map(|g| {
                         let rows: [Row<'_>; C] = std::array::from_fn(row);
-                        Packed::tile_on(Some(kernel), packed.group(g), rows, packed.kind)
+                        Packed::tile_on(Some(kernel), packed.group(g), &rows, packed.kind)
                     })
                     .collect()
             })

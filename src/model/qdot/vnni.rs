@@ -24,11 +24,11 @@ const AHEAD: usize = 8;
 /// AVX-512 F, BW and VNNI are present. `g.quants` holds `g.blocks` times the format's chunks,
 /// `g.scales` `g.blocks` times its scales, `g.high` `g.blocks * 8` masks for Q5_0; every row
 /// has `g.blocks` blocks of 32 signed bytes and `g.blocks` values in `d`, and in `s` (Q4_1) or
-/// `sums` (the others).
+/// `bias` (the others).
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 pub(super) unsafe fn tile<const C: usize, const K: u8>(
     g: Group<'_>,
-    rows: [Row<'_>; C],
+    rows: &[Row<'_>; C],
 ) -> [[f32; ROWS]; C] {
     const Q4_1: u8 = Kind::Q4_1.code();
     const Q5_0: u8 = Kind::Q5_0.code();
@@ -86,21 +86,21 @@ pub(super) unsafe fn tile<const C: usize, const K: u8>(
             _mm512_setzero_ps()
         };
         for c in 0..C {
-            let r = rows[c];
+            let r = &rows[c];
             let x = r.bytes.as_ptr().add(b * BLOCK);
             let word = |t: usize| _mm512_set1_epi32(x.add(4 * t).cast::<i32>().read_unaligned());
             if K == Q6K {
-                // Words 0..4 are the first half block, 4..8 the second: a sum and a scale each.
-                let half = |t: usize| {
-                    let a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[t], word(t));
+                // Words 0..4 are the first half block, 4..8 the second: a sum and a scale each,
+                // each sum starting from its bias.
+                let half = |t: usize, bias: i32| {
+                    let a = _mm512_dpbusd_epi32(_mm512_set1_epi32(bias), w[t], word(t));
                     let b = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[t + 1], word(t + 1));
                     let a = _mm512_dpbusd_epi32(a, w[t + 2], word(t + 2));
                     let b = _mm512_dpbusd_epi32(b, w[t + 3], word(t + 3));
                     _mm512_add_epi32(a, b)
                 };
-                let s0 = _mm512_sub_epi32(half(0), _mm512_set1_epi32(*r.sums.get_unchecked(2 * b)));
-                let s1 =
-                    _mm512_sub_epi32(half(4), _mm512_set1_epi32(*r.sums.get_unchecked(2 * b + 1)));
+                let s0 = half(0, *r.bias.get_unchecked(2 * b));
+                let s1 = half(4, *r.bias.get_unchecked(2 * b + 1));
                 let dx = _mm512_set1_ps(*r.d.get_unchecked(b));
                 let f = _mm512_fmadd_ps(
                     _mm512_cvtepi32_ps(s1),
@@ -110,18 +110,20 @@ pub(super) unsafe fn tile<const C: usize, const K: u8>(
                 acc[c] = _mm512_fmadd_ps(f, dx, acc[c]);
                 continue;
             }
-            // Two chains of four, so that one product need not wait for the last.
-            let mut s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], word(0));
+            // Two chains of four, so that one product need not wait for the last; the first
+            // starts from the bias that takes back the weights' offset (zero for Q4_1).
+            let start = if with_min {
+                _mm512_setzero_si512()
+            } else {
+                _mm512_set1_epi32(*r.bias.get_unchecked(b))
+            };
+            let mut s0 = _mm512_dpbusd_epi32(start, w[0], word(0));
             let mut s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[1], word(1));
             for t in (2..8).step_by(2) {
                 s0 = _mm512_dpbusd_epi32(s0, w[t], word(t));
                 s1 = _mm512_dpbusd_epi32(s1, w[t + 1], word(t + 1));
             }
-            let mut s = _mm512_add_epi32(s0, s1);
-            if !with_min {
-                // The weights' offset times the block's sum of activations.
-                s = _mm512_sub_epi32(s, _mm512_set1_epi32(*r.sums.get_unchecked(b)));
-            }
+            let s = _mm512_add_epi32(s0, s1);
             let dx = _mm512_set1_ps(*r.d.get_unchecked(b));
             let mut f = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s), dw), dx);
             if with_min {
