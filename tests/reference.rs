@@ -6,7 +6,7 @@ use llmgenie::chat::Message;
 use llmgenie::model;
 use llmgenie::vocab;
 
-use crate::util::{model_path, reference, GEMMA3, SMOLLM2};
+use crate::util::{llama_cpp_logits, model_path, reference, GEMMA3, SMOLLM2};
 
 fn messages(case: &crate::util::ChatCase) -> Vec<Message> {
     case.messages
@@ -48,25 +48,6 @@ fn smollm2_tokenizer_and_template_match_llama_cpp() {
 #[test]
 fn gemma3_tokenizer_and_template_match_llama_cpp() {
     check_tokenizer(GEMMA3, "gemma3");
-}
-
-/// llama.cpp's logits along the reference greedy paths: per case, per step, its top 8
-/// (token, logit) pairs (tests/data/logits_NAME.json, from scripts/make_reference_logits.py).
-fn llama_cpp_logits(name: &str) -> Vec<Vec<Vec<(u32, f32)>>> {
-    #[derive(serde::Deserialize)]
-    struct Step {
-        top: Vec<(u32, f32)>,
-    }
-    #[derive(serde::Deserialize)]
-    struct File {
-        cases: Vec<Vec<Step>>,
-    }
-    let path = crate::util::root().join(format!("tests/data/logits_{name}.json"));
-    let f: File = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    f.cases
-        .into_iter()
-        .map(|c| c.into_iter().map(|s| s.top).collect())
-        .collect()
 }
 
 /// How far apart (in llama.cpp's own logits) its choice and ours may be where the two engines

@@ -170,13 +170,12 @@ unsafe fn tile<const C: usize, const K: u8, const VNNI: bool>(
                     s1 = dot(s1, t + 1);
                 }
                 let s = _mm256_add_epi32(s0, s1);
-                let dx = _mm256_set1_ps(*r.d.get_unchecked(b));
-                let mut f = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(s), dw), dx);
+                let dd = _mm256_mul_ps(dw, _mm256_set1_ps(*r.d.get_unchecked(b)));
                 if with_min {
                     let sx = _mm256_set1_ps(*r.s.get_unchecked(b));
-                    f = _mm256_add_ps(f, _mm256_mul_ps(mw, sx));
+                    acc[c] = _mm256_fmadd_ps(mw, sx, acc[c]);
                 }
-                acc[c] = _mm256_add_ps(acc[c], f);
+                acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), dd, acc[c]);
             }
         }
         for (o, a) in out.iter_mut().zip(acc) {

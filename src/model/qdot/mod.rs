@@ -9,10 +9,9 @@
 //!
 //! Formats: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and Q6_K as they are; Q4_K and Q5_K rewritten as Q4_1
 //! and Q5_1 (`kquant.rs`). The arithmetic is ggml's: activations are quantized to 8 bits per
-//! 32-value block (`acts.rs`, candle's rounding), each block contributes its exact integer sum
-//! times the two scales, and for Q4_1, Q5_0 and Q8_0 the blocks are added in candle's scalar
-//! order (Q4_1 and Q5_0 results have candle's bits). A row's result does not depend on how many
-//! rows are multiplied with it.
+//! 32-value block (`acts.rs`, candle's rounding), and each block contributes its exact integer
+//! sum times the two scales by fused multiply-adds (results within float rounding of candle's).
+//! A row's result does not depend on how many rows are multiplied with it.
 
 #![allow(unsafe_code)]
 

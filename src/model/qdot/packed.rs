@@ -16,9 +16,10 @@
 //! The packing is a permutation of the file's bytes: the same nibbles, fifth bits, bytes (Q8_0's,
 //! with 128 added so that they are unsigned) and f16 scales, so the packed matrix takes the
 //! memory of the original (which is then dropped; a tied embedding reads its rows from the
-//! packed copy); rows are padded to a multiple of sixteen with zero rows. Results are
-//! bit-identical to candle's scalar dot products, for any number of rows (for Q8_0, candle's
-//! own AVX code sums in another order: the results differ from its by float rounding).
+//! packed copy); rows are padded to a multiple of sixteen with zero rows. Results are the same
+//! bits for any number of rows, and within float rounding of candle's dot products (the blocks
+//! are added by fused multiply-adds, as ggml's SIMD code adds them; the tests write the exact
+//! arithmetic out).
 #![allow(unsafe_code)]
 
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -856,38 +857,73 @@ mod tests {
     use candle_core::quantized::QMatMul;
     use candle_core::Module;
 
-    /// Q8_0 in the scalar order (`sumi * d_w * d_x` per block, added one after another), which
-    /// candle's AVX code does not follow.
-    fn q8_0_scalar(w: &QTensor, x: &Tensor) -> Vec<f32> {
+    /// The kernels' arithmetic, one block after another from the files' bytes: per block the
+    /// exact integer sum of the weights' and the activations' quants, then (Q4_1) `m_w * s_x`
+    /// and `sumi * (d_w * d_x)` added by fused multiply-adds. Activations are candle's Q8_1
+    /// blocks for Q4_1 and its Q8_0 blocks for the others.
+    fn scalar(dtype: GgmlDType, w: &QTensor, x: &Tensor) -> Vec<f32> {
         let (n, k) = w.shape().dims2().unwrap();
-        let xq = QTensor::quantize(&x.reshape(((), k)).unwrap(), GgmlDType::Q8_0).unwrap();
+        let with_min = dtype == GgmlDType::Q4_1;
+        let acts = if with_min {
+            GgmlDType::Q8_1
+        } else {
+            GgmlDType::Q8_0
+        };
+        let xq = QTensor::quantize(&x.reshape(((), k)).unwrap(), acts).unwrap();
         let (wb, xb) = (w.data().unwrap(), xq.data().unwrap());
         let blocks = k / BLOCK;
-        let m = xb.len() / (blocks * 34);
+        let (w_bytes, x_bytes) = (dtype.type_size(), acts.type_size());
+        let m = xb.len() / (blocks * x_bytes);
         let f16 = |b: &[u8]| half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
+        // A weight block's 32 values, as the signed integers its scale multiplies.
+        let values = |b: &[u8]| -> [i32; 32] {
+            std::array::from_fn(|i| match dtype {
+                GgmlDType::Q4_1 => i32::from(if i < 16 {
+                    b[4 + i] & 15
+                } else {
+                    b[4 + i - 16] >> 4
+                }),
+                GgmlDType::Q5_0 => {
+                    let high = u32::from_le_bytes([b[2], b[3], b[4], b[5]]) >> i & 1;
+                    let low = if i < 16 {
+                        b[6 + i] & 15
+                    } else {
+                        b[6 + i - 16] >> 4
+                    };
+                    i32::from(low) + 16 * high as i32 - 16
+                }
+                _ => i32::from(b[2 + i] as i8),
+            })
+        };
         let mut out = Vec::with_capacity(m * n);
         for r in 0..m {
             for j in 0..n {
-                let mut sumf = 0f32;
+                let mut acc = 0f32;
                 for b in 0..blocks {
-                    let wb = &wb[(j * blocks + b) * 34..(j * blocks + b + 1) * 34];
-                    let xb = &xb[(r * blocks + b) * 34..(r * blocks + b + 1) * 34];
-                    let sumi: i32 = (0..32)
-                        .map(|i| i32::from(wb[2 + i] as i8) * i32::from(xb[2 + i] as i8))
+                    let wb = &wb[(j * blocks + b) * w_bytes..(j * blocks + b + 1) * w_bytes];
+                    let xb = &xb[(r * blocks + b) * x_bytes..(r * blocks + b + 1) * x_bytes];
+                    let xs = &xb[if with_min { 4 } else { 2 }..];
+                    let sumi: i32 = values(wb)
+                        .iter()
+                        .zip(xs)
+                        .map(|(&w, &x)| w * i32::from(x as i8))
                         .sum();
-                    sumf += sumi as f32 * f16(wb) * f16(xb);
+                    if with_min {
+                        acc = f16(&wb[2..]).mul_add(f16(&xb[2..]), acc);
+                    }
+                    acc = (sumi as f32).mul_add(f16(wb) * f16(xb), acc);
                 }
-                out.push(sumf);
+                out.push(acc);
             }
         }
         out
     }
 
-    /// Against candle's own matmul, bit for bit (Q8_0: against the scalar order, and within
-    /// rounding of candle's): one row, tiles of four with rows left over, a prompt-sized batch,
-    /// and row counts that leave the last group part empty.
+    /// Bit for bit the kernels' arithmetic as written out in [`scalar`], and within float
+    /// rounding of candle's own matmul: one row, tiles of four with rows left over, a
+    /// prompt-sized batch, and row counts that leave the last group part empty.
     #[test]
-    fn matches_candles_matmul_bit_for_bit() {
+    fn matches_the_scalar_arithmetic_bit_for_bit_and_candle_to_rounding() {
         let dev = Device::Cpu;
         for dtype in [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0] {
             for (n, k, m) in [
@@ -907,7 +943,7 @@ mod tests {
                     return;
                 };
                 let x = Tensor::randn(0f32, 1.0, (m, 1, k), &dev).unwrap();
-                let scalar = (dtype == GgmlDType::Q8_0).then(|| q8_0_scalar(&q, &x));
+                let want = scalar(dtype, &q, &x);
                 let candle: Vec<f32> = QMatMul::from_qtensor(q)
                     .unwrap()
                     .forward(&x)
@@ -919,14 +955,9 @@ mod tests {
                 let got = packed.matmul(&x).unwrap();
                 assert_eq!(got.dims(), &[m, 1, n]);
                 let got: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
-                match scalar {
-                    Some(want) => {
-                        assert_eq!(got, want, "{dtype:?} {n}x{k}, {m} rows");
-                        for (a, b) in got.iter().zip(&candle) {
-                            assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
-                        }
-                    }
-                    None => assert_eq!(got, candle, "{dtype:?} {n}x{k}, {m} rows"),
+                assert_eq!(got, want, "{dtype:?} {n}x{k}, {m} rows");
+                for (a, b) in got.iter().zip(&candle) {
+                    assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
                 }
             }
         }
