@@ -7,6 +7,8 @@ mod cache;
 mod decode_attn;
 mod device;
 mod fused;
+#[doc(hidden)]
+pub mod kernel_bench;
 mod lanes;
 mod linear;
 pub mod phases;
