@@ -153,7 +153,9 @@ pub(super) fn attend(
     // Work items: (sequence, KV head, piece of that KV head's query heads). A piece's heads read
     // each key and value once between them; pieces are smaller only when there would otherwise
     // be too few items to keep every worker busy.
-    let threads = candle_core::utils::get_num_threads().max(1);
+    // The pool's own size (the calling thread and its workers): `get_num_threads` reads
+    // /proc/cpuinfo at every call where RAYON_NUM_THREADS is unset (a library user's process).
+    let threads = candle_core::utils::barrier_pool().n_workers() + 1;
     let kv_heads = heads.n_kv_heads;
     let piece = (1..=MAX_PIECE.min(group))
         .rev()
