@@ -198,8 +198,7 @@ fn bench_profile_breaks_decode_steps_into_phases() {
         "rope and KV stores",
         "attention",
         "attention output projection",
-        "gate and up projections",
-        "gated activation",
+        "gate/up projections and activation",
         "down projection",
         "vocabulary projection",
     ];

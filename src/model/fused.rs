@@ -95,21 +95,31 @@ pub(super) fn gated_values(g: &[f32], u: &[f32], act: Activation) -> Vec<f32> {
     let mut out = vec![0f32; g.len().min(u.len())];
     par_fill(&mut out, PIECE, |i, o| {
         let start = i * PIECE;
-        let (g, u) = (&g[start..start + o.len()], &u[start..start + o.len()]);
-        match act {
-            Activation::Silu => {
-                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                    *o = silu(g) * u;
-                }
-            }
-            Activation::GeluTanh => {
-                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                    *o = gelu_tanh(g) * u;
-                }
-            }
-        }
+        gated_into(
+            &g[start..start + o.len()],
+            &u[start..start + o.len()],
+            o,
+            act,
+        );
     });
     out
+}
+
+/// `out[i] = act(g[i]) * u[i]` for the shortest of the three.
+#[inline]
+pub(super) fn gated_into(g: &[f32], u: &[f32], out: &mut [f32], act: Activation) {
+    match act {
+        Activation::Silu => {
+            for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
+                *o = silu(g) * u;
+            }
+        }
+        Activation::GeluTanh => {
+            for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
+                *o = gelu_tanh(g) * u;
+            }
+        }
+    }
 }
 
 /// Softmax over the last dimension.

@@ -150,6 +150,35 @@ impl Linear {
             .collect()
     }
 
+    /// A gated MLP's first half for `m` rows of values at hand: `act(x gate^T) * (x up^T)`,
+    /// `(m, n)` row-major. Packed alike, the two matmuls and the activation are one dispatch
+    /// ([`Packed::gated_values`]); else the two results are combined afterwards. The same bits
+    /// either way.
+    ///
+    /// # Errors
+    /// As [`Linear::forward`].
+    pub fn gated_values(
+        gate: &Self,
+        up: &Self,
+        x: &[f32],
+        m: usize,
+        act: super::Activation,
+    ) -> candle_core::Result<Vec<f32>> {
+        if let Some([g, u]) =
+            Self::packed_alike(&[gate, up]).and_then(|p| <[_; 2]>::try_from(p).ok())
+        {
+            if g.same_height(u) {
+                return Packed::gated_values(g, u, x, m, |g, u, out| {
+                    super::fused::gated_into(g, u, out, act)
+                });
+            }
+        }
+        let [g, u]: [Vec<f32>; 2] = Self::forward_values(&[gate, up], x, m)?
+            .try_into()
+            .map_err(|_| candle_core::Error::Msg("gated matmul: two results".into()))?;
+        Ok(super::fused::gated_values(&g, &u, act))
+    }
+
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (matmul, dense) = match self {
             Self::Packed(p) => return p.matmul(x),

@@ -20,10 +20,8 @@ pub enum Phase {
     Attention,
     /// The attention output projection.
     AttnOutput,
-    /// The gate and up projections.
+    /// The gate and up projections and the gated activation between them (one dispatch).
     GateUp,
-    /// The gated activation.
-    Activation,
     /// The down projection.
     Down,
     /// The final norm and the vocabulary projection.
@@ -32,14 +30,13 @@ pub enum Phase {
     Step,
 }
 
-const PHASES: [Phase; 10] = [
+const PHASES: [Phase; 9] = [
     Phase::Norms,
     Phase::Qkv,
     Phase::RopeAndStore,
     Phase::Attention,
     Phase::AttnOutput,
     Phase::GateUp,
-    Phase::Activation,
     Phase::Down,
     Phase::Vocabulary,
     Phase::Step,
@@ -53,8 +50,7 @@ impl Phase {
             Self::RopeAndStore => "rope and KV stores",
             Self::Attention => "attention",
             Self::AttnOutput => "attention output projection",
-            Self::GateUp => "gate and up projections",
-            Self::Activation => "gated activation",
+            Self::GateUp => "gate/up projections and activation",
             Self::Down => "down projection",
             Self::Vocabulary => "vocabulary projection",
             Self::Step => "whole step",

@@ -13,7 +13,6 @@ use candle_core::{DType, Tensor};
 
 use super::cache::KvCache;
 use super::decode_attn;
-use super::fused;
 use super::linear::Linear;
 use super::phases::{time, Phase};
 use super::transformer::{visible, Layer, RopeStyle, Transformer};
@@ -273,12 +272,9 @@ impl Transformer {
             });
             // MLP.
             let h = time(Phase::Norms, || rms_rows(&x, &p.ffn_norm, eps));
-            let [gate, up] = time(Phase::GateUp, || {
-                parts(Linear::forward_values(&[&layer.gate, &layer.up], &h, n)?)
+            let act = time(Phase::GateUp, || {
+                Linear::gated_values(&layer.gate, &layer.up, &h, n, cfg.activation)
             })?;
-            let act = time(Phase::Activation, || {
-                fused::gated_values(&gate, &up, cfg.activation)
-            });
             let [d] = time(Phase::Down, || {
                 parts(Linear::forward_values(&[&layer.down], &act, n)?)
             })?;

@@ -640,6 +640,82 @@ impl Packed {
         Ok(Self::matmul_quantized(mats, &xq, m))
     }
 
+    /// A gated MLP's first half for `m` rows of values at hand: `combine(g, u, out)` over the
+    /// results of `gate` and `up` (`(m, n)` row-major). For a decode step's rows it is one
+    /// dispatch: each work item computes both matrices' results for its weight rows and
+    /// combines them while they are in its cache, so there is no pass over the two results
+    /// afterwards (more rows take the two matmuls, then `combine`). The same bits as
+    /// `combine` over [`Packed::matmul_many_values`]' two results, when `combine` computes each
+    /// element from its own two inputs alone.
+    ///
+    /// # Errors
+    /// The matrices differ in format, width or height.
+    pub fn gated_values(
+        gate: &Self,
+        up: &Self,
+        x: &[f32],
+        m: usize,
+        combine: impl Fn(&[f32], &[f32], &mut [f32]) + Sync,
+    ) -> candle_core::Result<Vec<f32>> {
+        let (k, kind) = Self::common(&[gate, up])?;
+        if gate.n != up.n {
+            candle_core::bail!("packed gated matmul: gate and up differ in height");
+        }
+        let xq = super::acts::quantize_values(x, m, k, kind.acts())?;
+        let n = gate.n;
+        if m > PROMPT_ROWS {
+            let [g, u]: [Vec<f32>; 2] = Self::matmul_quantized(&[gate, up], &xq, m)
+                .try_into()
+                .map_err(|_| candle_core::Error::Msg("packed gated matmul: two results".into()))?;
+            let mut out = vec![0f32; m * n];
+            super::super::par_fill(&mut out, 4096, |i, o| {
+                let start = i * 4096;
+                combine(&g[start..start + o.len()], &u[start..start + o.len()], o);
+            });
+            return Ok(out);
+        }
+        let all = gate.row_views(&xq, m);
+        let groups = n.div_ceil(ROWS);
+        let per = groups.div_ceil(16);
+        let mut out: Box<[MaybeUninit<f32>]> = Box::new_uninit_slice(m * n);
+        let mut spans = Vec::new();
+        let mut pieces: Vec<&mut [MaybeUninit<f32>]> = Vec::new();
+        {
+            let mut rows: Vec<_> = out
+                .chunks_mut(n)
+                .map(|r| r.chunks_mut(per * ROWS))
+                .collect();
+            for first in (0..groups).step_by(per) {
+                pieces.extend(rows.iter_mut().filter_map(Iterator::next));
+                spans.push(first..groups.min(first + per));
+            }
+        }
+        let items: Vec<_> = spans.into_iter().zip(pieces.chunks_mut(m.max(1))).collect();
+        super::super::par_each(items, |_, (span, rows)| {
+            let mut gated = [[0f32; ROWS]; PROMPT_ROWS];
+            for g in span.clone() {
+                let col = (g - span.start) * ROWS;
+                gate.run(g, &all, 0..m, |r, v, _| gated[r] = *v);
+                up.run(g, &all, 0..m, |r, v, cols| {
+                    let mut o = [0f32; ROWS];
+                    combine(&gated[r][..cols], &v[..cols], &mut o[..cols]);
+                    if let Some(out) = rows.get_mut(r) {
+                        put_cols(&mut out[col..], &o, cols);
+                    }
+                });
+            }
+        });
+        // SAFETY: every element was written: each item writes, for every row, the `cols`
+        // results of each of its groups, which cover that row's piece; the pieces cover the
+        // rows. A panic in any item reaches this thread before this point.
+        Ok(unsafe { out.assume_init() }.into_vec())
+    }
+
+    /// Whether `other` has as many rows as this matrix.
+    pub fn same_height(&self, other: &Self) -> bool {
+        self.n == other.n
+    }
+
     /// The input width and format that `mats` share.
     fn common(mats: &[&Self]) -> candle_core::Result<(usize, Kind)> {
         let Some(first) = mats.first() else {
@@ -651,29 +727,35 @@ impl Packed {
         Ok((first.k, first.kind))
     }
 
+    /// The views of `m` quantized rows that the kernels take, made once per matmul (the kernel
+    /// calls take them per group of weights).
+    fn row_views<'a>(&self, xq: &'a super::acts::Quantized, m: usize) -> Vec<Row<'a>> {
+        let (k, blocks) = (self.k, self.blocks);
+        let per_block = self.kind.acts().sums_per_block();
+        (0..m)
+            .map(|r| {
+                let span = r * blocks..(r + 1) * blocks;
+                Row {
+                    bytes: &xq.q[r * k..(r + 1) * k],
+                    d: &xq.d[span.clone()],
+                    s: if xq.s.is_empty() {
+                        &[]
+                    } else {
+                        &xq.s[span.clone()]
+                    },
+                    bias: if xq.bias.is_empty() {
+                        &[]
+                    } else {
+                        &xq.bias[span.start * per_block..span.end * per_block]
+                    },
+                }
+            })
+            .collect()
+    }
+
     /// The matrices against `m` quantized rows (of the width and format checked by the caller).
     fn matmul_quantized(mats: &[&Self], xq: &super::acts::Quantized, m: usize) -> Vec<Vec<f32>> {
-        let (k, blocks) = (mats[0].k, mats[0].blocks);
-        let per_block_sums = mats[0].kind.acts().sums_per_block();
-        // Every row's pieces, made once: the kernel calls take them per group of weights.
-        let row = |r: usize| {
-            let span = r * blocks..(r + 1) * blocks;
-            Row {
-                bytes: &xq.q[r * k..(r + 1) * k],
-                d: &xq.d[span.clone()],
-                s: if xq.s.is_empty() {
-                    &[]
-                } else {
-                    &xq.s[span.clone()]
-                },
-                bias: if xq.bias.is_empty() {
-                    &[]
-                } else {
-                    &xq.bias[span.start * per_block_sums..span.end * per_block_sums]
-                },
-            }
-        };
-        let all: Vec<Row<'_>> = (0..m).map(row).collect();
+        let all = mats[0].row_views(xq, m);
         // The results start uninitialized: zeroing them here would cost a pass over them on
         // this thread while the workers wait, and make each worker's writes fetch lines this
         // thread's cache holds (about 3% of a step of eight SmolLM2 sequences).
@@ -1011,6 +1093,60 @@ mod tests {
         let x = Tensor::randn(0f32, 1.0, (2, 128), &dev).unwrap();
         assert!(Packed::matmul_many(&[&a, &other], &x).is_err());
         assert!(Packed::matmul_many(&[], &x).is_err());
+    }
+
+    /// The gate/up matmuls with their combination in one dispatch give, bit for bit, the
+    /// combination of the two results (decode row counts, a prompt's, and heights that leave
+    /// the last group part empty); mismatched matrices are refused.
+    #[test]
+    fn gated_matmuls_combine_the_two_results() {
+        let dev = Device::Cpu;
+        let pack = |n: usize, k: usize, dtype| {
+            let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+            Packed::new(&QTensor::quantize(&w, dtype).unwrap()).unwrap()
+        };
+        // Something that mixes the two the way an activation would, per element.
+        let combine = |g: &[f32], u: &[f32], out: &mut [f32]| {
+            for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
+                *o = g / (1.0 + (-g).exp()) * u;
+            }
+        };
+        for (n, dtype) in [(1536usize, GgmlDType::Q4_1), (200, GgmlDType::Q8_0)] {
+            let (Some(gate), Some(up)) = (pack(n, 256, dtype), pack(n, 256, dtype)) else {
+                assert!(!available());
+                return;
+            };
+            for m in [1usize, 3, 8, 40] {
+                let x: Vec<f32> = Tensor::randn(0f32, 1.0, (m, 256), &dev)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let [g, u]: [Vec<f32>; 2] = Packed::matmul_many_values(&[&gate, &up], &x, m)
+                    .unwrap()
+                    .try_into()
+                    .unwrap();
+                let mut want = vec![0f32; m * n];
+                combine(&g, &u, &mut want);
+                let got = Packed::gated_values(&gate, &up, &x, m, combine).unwrap();
+                assert_eq!(got.len(), m * n);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&got),
+                    bits(&want),
+                    "{dtype:?}, {n} rows of weights, {m} rows"
+                );
+            }
+        }
+        let (a, b) = (
+            pack(64, 256, GgmlDType::Q4_1),
+            pack(48, 256, GgmlDType::Q4_1),
+        );
+        let (Some(a), Some(b)) = (a, b) else { return };
+        assert!(Packed::gated_values(&a, &b, &[0.0; 256], 1, combine).is_err());
+        let other = pack(64, 256, GgmlDType::Q8_0).unwrap();
+        assert!(Packed::gated_values(&a, &other, &[0.0; 256], 1, combine).is_err());
     }
 
     /// Formats without a bit-exact candle counterpart (Q6_K, Q4_0, Q5_1, and Q4_K and Q5_K as
