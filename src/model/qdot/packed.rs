@@ -1062,15 +1062,17 @@ mod tests {
         }
     }
 
+    /// An `n x k` matrix of random weights in `dtype`, packed (`None` without the kernel).
+    fn pack(n: usize, k: usize, dtype: GgmlDType) -> Option<Packed> {
+        let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
+        Packed::new(&QTensor::quantize(&w, dtype).unwrap()).unwrap()
+    }
+
     /// Several matrices in one dispatch give each matrix's own result, bit for bit, for decode
     /// row counts and a prompt's; matrices of another format or width are refused.
     #[test]
     fn many_matrices_at_once_match_one_at_a_time() {
         let dev = Device::Cpu;
-        let pack = |n: usize, k: usize, dtype| {
-            let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
-            Packed::new(&QTensor::quantize(&w, dtype).unwrap()).unwrap()
-        };
         let (Some(a), Some(b), Some(c)) = (
             pack(576, 128, GgmlDType::Q4_1),
             pack(40, 128, GgmlDType::Q4_1),
@@ -1101,10 +1103,6 @@ mod tests {
     #[test]
     fn gated_matmuls_combine_the_two_results() {
         let dev = Device::Cpu;
-        let pack = |n: usize, k: usize, dtype| {
-            let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
-            Packed::new(&QTensor::quantize(&w, dtype).unwrap()).unwrap()
-        };
         // Something that mixes the two the way an activation would, per element.
         let combine = |g: &[f32], u: &[f32], out: &mut [f32]| {
             for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
