@@ -18,6 +18,24 @@ fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// One short `llmgenie bench` run on SmolLM2: a `prompt`-token prompt, `gen` tokens, and
+/// `extra` flags.
+fn quick_bench(prompt: &str, gen: &str, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "bench",
+        "--model",
+        "smollm2",
+        "--prompt-tokens",
+        prompt,
+        "--gen-tokens",
+        gen,
+        "--runs",
+        "1",
+    ];
+    args.extend_from_slice(extra);
+    llmgenie(&args)
+}
+
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -131,18 +149,7 @@ fn list_shows_the_catalogue() {
 
 #[test]
 fn bench_json_has_the_documented_keys() {
-    let out = llmgenie(&[
-        "bench",
-        "--model",
-        "smollm2",
-        "--prompt-tokens",
-        "16",
-        "--gen-tokens",
-        "4",
-        "--runs",
-        "1",
-        "--json",
-    ]);
+    let out = quick_bench("16", "4", &["--json"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let v: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
     for key in [
@@ -160,21 +167,7 @@ fn bench_json_has_the_documented_keys() {
 /// the whole. The JSON on stdout stays parseable.
 #[test]
 fn bench_profile_breaks_decode_steps_into_phases() {
-    let out = llmgenie(&[
-        "bench",
-        "--model",
-        "smollm2",
-        "--prompt-tokens",
-        "8",
-        "--gen-tokens",
-        "6",
-        "--runs",
-        "1",
-        "--batch",
-        "2",
-        "--json",
-        "--profile",
-    ]);
+    let out = quick_bench("8", "6", &["--batch", "2", "--json", "--profile"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let _: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
     let err = stderr(&out);
@@ -216,20 +209,7 @@ fn bench_profile_breaks_decode_steps_into_phases() {
 
 #[test]
 fn bench_batch_reports_each_batch_size() {
-    let out = llmgenie(&[
-        "bench",
-        "--model",
-        "smollm2",
-        "--prompt-tokens",
-        "8",
-        "--gen-tokens",
-        "3",
-        "--runs",
-        "1",
-        "--batch",
-        "1,3",
-        "--json",
-    ]);
+    let out = quick_bench("8", "3", &["--batch", "1,3", "--json"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let v: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
     let points = v["points"].as_array().unwrap();

@@ -241,7 +241,7 @@ impl Transformer {
                 .ok_or(ModelError::Internal("rope tables missing"))?;
             // Attention.
             let h = time(Phase::Norms, || rms_rows(&x, &p.attn_norm, eps));
-            let (q, k, v) = time(Phase::Qkv, || {
+            let (mut q, mut k, v) = time(Phase::Qkv, || {
                 let [mut q, mut k, mut v] = parts(Linear::forward_values(
                     &[&layer.wq, &layer.wk, &layer.wv],
                     &h,
@@ -258,7 +258,6 @@ impl Transformer {
                 }
                 Ok::<_, ModelError>((q, k, v))
             })?;
-            let (mut q, mut k) = (q, k);
             let kv = time(Phase::RopeAndStore, || {
                 self.rotate_and_store(layer, index, &mut q, &mut k, &v, caches, tables)
             })?;

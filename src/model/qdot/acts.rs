@@ -147,12 +147,11 @@ pub(super) fn quantize_values(
     // Per row: its bytes, scales and (by format) scaled sums or biases.
     let mut second = out.s.chunks_mut(blocks);
     let mut bias = out.bias.chunks_mut(blocks * per);
-    let rows_out: Vec<_> = out
+    let rows_out = out
         .q
         .chunks_mut(k)
         .zip(out.d.chunks_mut(blocks))
-        .map(|(q, d)| (q, d, second.next(), bias.next()))
-        .collect();
+        .map(|(q, d)| (q, d, second.next(), bias.next()));
     let fill = |r: usize, (q, d, s, bias): &mut Row<'_>| {
         let x = &values[r * k..(r + 1) * k];
         for b in 0..blocks {
@@ -178,12 +177,11 @@ pub(super) fn quantize_values(
     };
     if rows < 2 || rows * k < POOL_VALUES {
         // A decode step's row or few: handing them to the pool costs more than it saves.
-        let mut rows_out = rows_out;
-        for (r, row) in rows_out.iter_mut().enumerate() {
-            fill(r, row);
+        for (r, mut row) in rows_out.enumerate() {
+            fill(r, &mut row);
         }
     } else {
-        super::super::par_each(rows_out, fill);
+        super::super::par_each(rows_out.collect(), fill);
     }
     Ok(out)
 }

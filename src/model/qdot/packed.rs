@@ -86,6 +86,17 @@ pub(super) enum Kind {
     Q6K,
 }
 
+/// The kinds' [`Kind::code`]s, for the const parameters of the packing and the kernels.
+pub(super) mod code {
+    use super::Kind;
+    pub(in crate::model::qdot) const Q4_1: u8 = Kind::Q4_1.code();
+    pub(in crate::model::qdot) const Q5_0: u8 = Kind::Q5_0.code();
+    pub(in crate::model::qdot) const Q8_0: u8 = Kind::Q8_0.code();
+    pub(in crate::model::qdot) const Q6K: u8 = Kind::Q6K.code();
+    pub(in crate::model::qdot) const Q4_0: u8 = Kind::Q4_0.code();
+    pub(in crate::model::qdot) const Q5_1: u8 = Kind::Q5_1.code();
+}
+
 impl Kind {
     /// The kind whose [`Kind::code`] is `code` (Q8_0 for any other).
     pub(super) const fn from_code(code: u8) -> Self {
@@ -109,6 +120,22 @@ impl Kind {
             Self::Q4_0 => 4,
             Self::Q5_1 => 5,
         }
+    }
+
+    /// The kind a matrix stored as `dtype` is packed as, and whether it is rewritten into that
+    /// kind's format first (Q4_K, Q5_K); `None` for formats that are not packed.
+    fn for_stored(dtype: GgmlDType) -> Option<(Self, bool)> {
+        Some(match dtype {
+            GgmlDType::Q4_1 => (Self::Q4_1, false),
+            GgmlDType::Q5_0 => (Self::Q5_0, false),
+            GgmlDType::Q8_0 => (Self::Q8_0, false),
+            GgmlDType::Q6K => (Self::Q6K, false),
+            GgmlDType::Q4_0 => (Self::Q4_0, false),
+            GgmlDType::Q5_1 => (Self::Q5_1, false),
+            GgmlDType::Q4K => (Self::Q4_1, true),
+            GgmlDType::Q5K => (Self::Q5_1, true),
+            _ => return None,
+        })
     }
 
     /// Bytes of a block (Q6_K: of a 256-value super-block) in the file.
@@ -372,17 +399,8 @@ impl Packer {
         if !available() || n == 0 {
             return None;
         }
-        let (kind, rewrite_from) = match dtype {
-            GgmlDType::Q4_1 => (Kind::Q4_1, None),
-            GgmlDType::Q5_0 => (Kind::Q5_0, None),
-            GgmlDType::Q8_0 => (Kind::Q8_0, None),
-            GgmlDType::Q6K => (Kind::Q6K, None),
-            GgmlDType::Q4_0 => (Kind::Q4_0, None),
-            GgmlDType::Q5_1 => (Kind::Q5_1, None),
-            GgmlDType::Q4K => (Kind::Q4_1, Some(dtype)),
-            GgmlDType::Q5K => (Kind::Q5_1, Some(dtype)),
-            _ => return None,
-        };
+        let (kind, rewritten) = Kind::for_stored(dtype)?;
+        let rewrite_from = rewritten.then_some(dtype);
         if !k.is_multiple_of(dtype.block_size()) || !k.is_multiple_of(kind.file_block()) {
             return None;
         }
@@ -457,8 +475,7 @@ impl Packed {
 
     /// Whether this CPU packs matrices of `dtype`.
     pub fn takes(dtype: GgmlDType) -> bool {
-        use GgmlDType::*;
-        available() && matches!(dtype, Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q6K | Q4K | Q5K)
+        available() && Kind::for_stored(dtype).is_some()
     }
 
     /// An `n` x `k` matrix of `dtype` packed from its stored bytes (as a GGUF file holds them),
@@ -500,11 +517,7 @@ impl Packed {
             let rows: Vec<&[u8]> = (g * ROWS..end.min((g + 1) * ROWS))
                 .map(|row| &data[(row - first) * row_bytes..(row - first + 1) * row_bytes])
                 .collect();
-            const Q4_1: u8 = Kind::Q4_1.code();
-            const Q5_0: u8 = Kind::Q5_0.code();
-            const Q8_0: u8 = Kind::Q8_0.code();
-            const Q4_0: u8 = Kind::Q4_0.code();
-            const Q5_1: u8 = Kind::Q5_1.code();
+            use code::{Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
             match kind {
                 Kind::Q6K => {
                     if let Some(high) = high.as_deref_mut() {
@@ -664,34 +677,21 @@ impl Packed {
         let xq = super::acts::quantize_values(x, m, k, kind.acts())?;
         let n = gate.n;
         if m > PROMPT_ROWS {
+            // Not a decode step's rows (the decode steps, this function's use, have at most
+            // eight): the two matmuls, then one pass over their results.
             let [g, u]: [Vec<f32>; 2] = Self::matmul_quantized(&[gate, up], &xq, m)
                 .try_into()
                 .map_err(|_| candle_core::Error::Msg("packed gated matmul: two results".into()))?;
             let mut out = vec![0f32; m * n];
-            super::super::par_fill(&mut out, 4096, |i, o| {
-                let start = i * 4096;
-                combine(&g[start..start + o.len()], &u[start..start + o.len()], o);
-            });
+            combine(&g, &u, &mut out);
             return Ok(out);
         }
         let all = gate.row_views(&xq, m);
-        let groups = n.div_ceil(ROWS);
-        let per = groups.div_ceil(16);
         let mut out: Box<[MaybeUninit<f32>]> = Box::new_uninit_slice(m * n);
-        let mut spans = Vec::new();
-        let mut pieces: Vec<&mut [MaybeUninit<f32>]> = Vec::new();
-        {
-            let mut rows: Vec<_> = out
-                .chunks_mut(n)
-                .map(|r| r.chunks_mut(per * ROWS))
-                .collect();
-            for first in (0..groups).step_by(per) {
-                pieces.extend(rows.iter_mut().filter_map(Iterator::next));
-                spans.push(first..groups.min(first + per));
-            }
-        }
+        let (mut spans, mut pieces) = (Vec::new(), Vec::new());
+        column_items(0, &mut out, n, &mut spans, &mut pieces);
         let items: Vec<_> = spans.into_iter().zip(pieces.chunks_mut(m.max(1))).collect();
-        super::super::par_each(items, |_, (span, rows)| {
+        super::super::par_each(items, |_, ((_, span), rows)| {
             let mut gated = [[0f32; ROWS]; PROMPT_ROWS];
             for g in span.clone() {
                 let col = (g - span.start) * ROWS;
@@ -790,19 +790,9 @@ impl Packed {
             // groups (the tile's activations stay in cache, and so do the span's weights).
             // Item `i`'s `m` row pieces are `pieces[i * m..(i + 1) * m]`, handed to it whole
             // (one lock per item, none per row).
-            let mut spans = Vec::new();
-            let mut pieces: Vec<&mut [MaybeUninit<f32>]> = Vec::new();
+            let (mut spans, mut pieces) = (Vec::new(), Vec::new());
             for (j, (p, y)) in mats.iter().zip(ys.iter_mut()).enumerate() {
-                let groups = p.n.div_ceil(ROWS);
-                let per = groups.div_ceil(16);
-                let mut rows: Vec<_> = y
-                    .chunks_mut(p.n)
-                    .map(|r| r.chunks_mut(per * ROWS))
-                    .collect();
-                for first in (0..groups).step_by(per) {
-                    pieces.extend(rows.iter_mut().filter_map(Iterator::next));
-                    spans.push((j, first..groups.min(first + per)));
-                }
+                column_items(j, y, p.n, &mut spans, &mut pieces);
             }
             let items: Vec<_> = spans.into_iter().zip(pieces.chunks_mut(m.max(1))).collect();
             super::super::par_each(items, |_, ((j, span), rows)| {
@@ -908,12 +898,7 @@ impl Packed {
         unsafe {
             macro_rules! on {
                 ($($f:tt)*) => {{
-                    const Q4_1: u8 = Kind::Q4_1.code();
-                    const Q5_0: u8 = Kind::Q5_0.code();
-                    const Q8_0: u8 = Kind::Q8_0.code();
-                    const Q6K: u8 = Kind::Q6K.code();
-                    const Q4_0: u8 = Kind::Q4_0.code();
-                    const Q5_1: u8 = Kind::Q5_1.code();
+                    use code::{Q4_0, Q4_1, Q5_0, Q5_1, Q6K, Q8_0};
                     match kind {
                         Kind::Q4_1 => $($f)*::<C, Q4_1>(g, rows),
                         Kind::Q5_0 => $($f)*::<C, Q5_0>(g, rows),
@@ -933,6 +918,26 @@ impl Packed {
         }
         #[cfg(not(target_arch = "x86_64"))]
         unreachable!("no packed matrices off x86")
+    }
+}
+
+/// The decode path's work items for result `owner`, `m` rows of `n` columns in `y`: spans of up
+/// to a sixteenth of its groups of weight rows (so that the pool's threads share them out
+/// evenly), pushed as `(owner, span)` to `spans`, and each item's `m` row pieces, in row order,
+/// to `pieces`.
+fn column_items<'a>(
+    owner: usize,
+    y: &'a mut [MaybeUninit<f32>],
+    n: usize,
+    spans: &mut Vec<(usize, std::ops::Range<usize>)>,
+    pieces: &mut Vec<&'a mut [MaybeUninit<f32>]>,
+) {
+    let groups = n.div_ceil(ROWS);
+    let per = groups.div_ceil(16);
+    let mut rows: Vec<_> = y.chunks_mut(n).map(|r| r.chunks_mut(per * ROWS)).collect();
+    for first in (0..groups).step_by(per) {
+        pieces.extend(rows.iter_mut().filter_map(Iterator::next));
+        spans.push((owner, first..groups.min(first + per)));
     }
 }
 

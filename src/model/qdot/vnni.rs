@@ -31,11 +31,7 @@ pub(super) unsafe fn tile<const C: usize, const K: u8>(
     g: Group<'_>,
     rows: &[Row<'_>; C],
 ) -> [[f32; ROWS]; C] {
-    const Q4_1: u8 = Kind::Q4_1.code();
-    const Q5_0: u8 = Kind::Q5_0.code();
-    const Q8_0: u8 = Kind::Q8_0.code();
-    const Q6K: u8 = Kind::Q6K.code();
-    const Q5_1: u8 = Kind::Q5_1.code();
+    use super::packed::code::{Q4_1, Q5_0, Q5_1, Q6K, Q8_0};
     let kind = Kind::from_code(K);
     // Formats with a minimum per block (their activations are Q8_1), and with fifth bits.
     let with_min = K == Q4_1 || K == Q5_1;
