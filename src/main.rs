@@ -15,7 +15,10 @@ fn main() -> ExitCode {
     let args = cli::Cli::parse();
     let serving = matches!(args.command, cli::Command::Serve(_));
     cli::init_logging(args.verbose, args.log_format, serving);
-    match cli::dispatch(args) {
+    let result = cli::dispatch(args);
+    // A packed-weight cache written during the run is kept only once it is on disk.
+    llmgenie::model::wait_for_pack_caches();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line, the whole cause chain, then exit status 1.

@@ -10,6 +10,7 @@ mod clients;
 mod engine;
 mod loader;
 mod monitoring;
+mod pack_cache;
 mod reference;
 mod routing;
 mod server;

@@ -33,9 +33,15 @@ fn catalog(dir: Option<PathBuf>) -> Result<Catalog> {
     Ok(Catalog::load(&dir.unwrap_or_else(models_dir))?)
 }
 
-/// The process-wide runtime settings: compute threads and how KV caches store their values.
+/// The process-wide runtime settings: compute threads, how KV caches store their values and
+/// where packed weights are cached.
 pub(super) fn apply_runtime(runtime: &RuntimeArgs) -> Result<()> {
     llmgenie::model::set_cache_type(runtime.kv_cache_type);
+    llmgenie::model::set_pack_cache_dir(match &runtime.packed_cache {
+        Some(dir) if dir.as_os_str() == "off" => None,
+        Some(dir) => Some(dir.clone()),
+        None => llmgenie::model::default_pack_cache_dir(),
+    });
     set_threads(runtime.threads)
 }
 

@@ -20,6 +20,7 @@ const KEYS: &[(&str, &str)] = &[
     ("threads", "LLMGENIE_THREADS"),
     ("models_dir", "LLMGENIE_MODELS"),
     ("kv_cache_type", "LLMGENIE_KV_CACHE_TYPE"),
+    ("packed_cache", "LLMGENIE_PACKED_CACHE"),
     ("keep_alive", "LLMGENIE_KEEP_ALIVE"),
     ("max_models", "LLMGENIE_MAX_MODELS"),
     ("max_memory", "LLMGENIE_MAX_MEMORY"),

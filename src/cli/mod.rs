@@ -215,6 +215,11 @@ pub struct RuntimeArgs {
     /// steps; as llama.cpp and Ollama store them) or f32.
     #[arg(long, env = "LLMGENIE_KV_CACHE_TYPE", default_value = "f16")]
     pub kv_cache_type: KvCacheType,
+    /// Where CPU loads keep packed weights between runs, so that a model loads by mapping them
+    /// instead of packing it again (about the model's size on disk, once per model file): a
+    /// directory, or `off` (default: ~/.cache/llmgenie/packed).
+    #[arg(long, env = "LLMGENIE_PACKED_CACHE")]
+    pub packed_cache: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]

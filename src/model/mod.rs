@@ -11,6 +11,7 @@ mod fused;
 pub mod kernel_bench;
 mod lanes;
 mod linear;
+mod pack_cache;
 pub mod phases;
 mod qdot;
 mod step;
@@ -19,17 +20,22 @@ mod transformer;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
 use candle_core::Device;
 
 use crate::gguf::{Architecture, GgufError, GgufFile, ModelSpec, TensorInfo};
+use pack_cache::PackCache;
 use qdot::packed::{Packed, Packer};
 
 pub use cache::{cache_type, set_cache_type, KvCache, KvCacheType};
 pub use device::{select_device, DeviceChoice};
 pub(crate) use fused::exp as fast_exp;
 pub use linear::DENSE_MIN_ROWS;
+pub use pack_cache::{
+    default_pack_cache_dir, pack_cache_dir, set_pack_cache_dir, wait_for_pack_caches, PackCacheUse,
+};
 pub use transformer::{Activation, Config, RopeStyle, TensorSource, Transformer};
 
 /// Whether this CPU runs the packed int8 kernel (AVX2 or better), which computes every row of a
@@ -190,6 +196,8 @@ struct GgufTensors<'f> {
     reader: File,
     buf: Vec<u8>,
     device: Device,
+    /// The packed-weight cache being read or written, if any.
+    cache: Option<PackCache>,
 }
 
 /// candle's name for a ggml type code, for the types candle reads.
@@ -273,33 +281,53 @@ impl TensorSource for GgufTensors<'_> {
         Ok(Some(t?))
     }
 
-    fn packed(&mut self, name: &str) -> Result<Option<Packed>, ModelError> {
+    fn packed(&mut self, name: &str) -> Result<Option<Arc<Packed>>, ModelError> {
         let Some((info, dtype, dims)) = self.shape(name)? else {
             return Ok(None);
         };
         if !self.device.is_cpu() || dims.len() != 2 {
             return Ok(None);
         }
-        let Some(mut packer) = Packer::new(dtype, dims[0], dims[1]) else {
+        let (n, k) = (dims[0], dims[1]);
+        let code = info.dtype.code();
+        if let Some(PackCache::Reading(c)) = &self.cache {
+            if let Some(p) = c.packed(name, code, dtype, (n, k)) {
+                return Ok(Some(Arc::new(p)));
+            }
+            tracing::warn!(cache = %c.path().display(), tensor = name, "packed-weight cache lacks a matrix; packing it in memory");
+        }
+        let Some(mut packer) = Packer::new(dtype, n, k) else {
             return Ok(None);
         };
-        // Pieces of whole groups of rows through the reused buffer: no buffer (nor rewritten
-        // copy) the size of the matrix, and no fresh memory for each matrix, whose pages the
-        // kernel would clear first (that was most of a 7B model's load time).
-        let row_bytes = packer.row_bytes();
-        let n = dims[0];
-        if stored_bytes(info)? != n * row_bytes {
+        if !self.fill(info, &mut packer)? {
             return Ok(None);
+        }
+        let packed = Arc::new(packer.finish());
+        if let Some(PackCache::Writing(w)) = &mut self.cache {
+            w.add(name, code, packed.clone());
+        }
+        Ok(Some(packed))
+    }
+}
+
+impl GgufTensors<'_> {
+    /// Pack the tensor's rows, read in pieces of whole groups through the reused buffer: no
+    /// buffer (nor rewritten copy) the size of the matrix. `false` when the packer refuses them.
+    fn fill(&mut self, info: &TensorInfo, packer: &mut Packer) -> Result<bool, ModelError> {
+        let row_bytes = packer.row_bytes();
+        let n = packer.n();
+        if stored_bytes(info)? != n * row_bytes {
+            return Ok(false);
         }
         let rows = (PACK_PIECE / row_bytes.max(1)).max(1).next_multiple_of(16);
         for first in (0..n).step_by(rows) {
             let count = rows.min(n - first);
             self.read(info, first * row_bytes, count * row_bytes)?;
             if packer.rows(first, &self.buf).is_none() {
-                return Ok(None);
+                return Ok(false);
             }
         }
-        Ok(Some(packer.finish()))
+        Ok(true)
     }
 }
 
@@ -308,13 +336,29 @@ pub struct LoadedModel {
     pub file: GgufFile,
     pub spec: ModelSpec,
     pub weights: Transformer,
+    /// Whether the packed weights came from (or went into) a cache file.
+    pub pack_cache: PackCacheUse,
 }
 
-/// Validate `path` and load its weights onto `device`.
+/// Validate `path` and load its weights onto `device`, with the packed-weight cache in
+/// [`pack_cache_dir`] if one is set.
 ///
 /// # Errors
 /// The file is malformed ([`ModelError::Gguf`]), its architecture is unsupported, or loading fails.
 pub fn load(path: &Path, device: &Device) -> Result<LoadedModel, ModelError> {
+    load_with_cache(path, device, pack_cache_dir().as_deref())
+}
+
+/// [`load`] with the packed-weight cache in `cache_dir` (`None`: no cache).
+///
+/// # Errors
+/// As [`load`]; a cache that cannot be read or written is not an error (the weights are
+/// packed in memory, and a warning logged).
+pub fn load_with_cache(
+    path: &Path,
+    device: &Device,
+    cache_dir: Option<&Path>,
+) -> Result<LoadedModel, ModelError> {
     keep_freed_memory();
     let file = GgufFile::open(path)?;
     let spec = ModelSpec::from_gguf(&file)?;
@@ -323,19 +367,34 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel, ModelError> {
         path: path.display().to_string(),
         source: e,
     };
+    let cache = cache_dir
+        .filter(|_| device.is_cpu() && qdot::packed::available())
+        .map(|dir| PackCache::open(dir, path));
+    let cached = cache.is_some();
     let mut src = GgufTensors {
         file: &file,
         path,
         reader: File::open(path).map_err(open)?,
         buf: Vec::new(),
         device: device.clone(),
+        cache: cache.flatten(),
     };
     let weights = Transformer::load(cfg, &mut src, device)?;
+    let pack_cache = match (cached, src.cache.take()) {
+        (false, _) => PackCacheUse::Off,
+        (true, None) => PackCacheUse::Failed,
+        (true, Some(PackCache::Reading(c))) => PackCacheUse::Mapped(c.path().to_path_buf()),
+        (true, Some(PackCache::Writing(w))) => match w.finish() {
+            Some(dest) => PackCacheUse::Written(dest),
+            None => PackCacheUse::Failed,
+        },
+    };
     drop(src);
     Ok(LoadedModel {
         file,
         spec,
         weights,
+        pack_cache,
     })
 }
 

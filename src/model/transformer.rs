@@ -153,7 +153,7 @@ pub trait TensorSource {
     ///
     /// # Errors
     /// Reading the tensor fails.
-    fn packed(&mut self, _name: &str) -> Result<Option<Packed>, ModelError> {
+    fn packed(&mut self, _name: &str) -> Result<Option<Arc<Packed>>, ModelError> {
         Ok(None)
     }
 }
@@ -161,7 +161,7 @@ pub trait TensorSource {
 /// The named weight matrix, packed where the kernel takes it; `None` when the file lacks it.
 fn optional_matrix(src: &mut dyn TensorSource, name: &str) -> Result<Option<Linear>, ModelError> {
     if let Some(p) = src.packed(name)? {
-        return Ok(Some(Linear::Packed(Arc::new(p))));
+        return Ok(Some(Linear::Packed(p)));
     }
     Ok(src
         .load(name)?
@@ -178,12 +178,12 @@ fn matrix(src: &mut dyn TensorSource, name: &str) -> Result<Linear, ModelError> 
 /// takes the format (the file's copy is not held through the rest of the load), else the
 /// quantized tensor does.
 fn tied(src: &mut dyn TensorSource, name: &str) -> Result<(Embedding, Linear), ModelError> {
-    let packed = match src.packed(name)? {
+    let p = match src.packed(name)? {
         Some(p) => p,
         None => {
             let embed = required(src, name)?;
             match Packed::new(&embed)? {
-                Some(p) => p,
+                Some(p) => Arc::new(p),
                 None => {
                     let e = Arc::new(embed);
                     return Ok((Embedding::Quantized(e.clone()), Linear::new(e)?));
@@ -191,7 +191,6 @@ fn tied(src: &mut dyn TensorSource, name: &str) -> Result<(Embedding, Linear), M
             }
         }
     };
-    let p = Arc::new(packed);
     Ok((Embedding::Packed(p.clone()), Linear::Packed(p)))
 }
 

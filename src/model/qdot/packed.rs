@@ -26,6 +26,7 @@ use std::mem::MaybeUninit;
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
+use memmap2::Mmap;
 
 use super::acts::Acts;
 use super::pages::Pages;
@@ -380,6 +381,28 @@ pub fn available() -> bool {
     kernel().is_some()
 }
 
+/// What the bytes of a packed matrix are, for packed-weight cache files
+/// (`model::pack_cache`): bump it whenever packing a matrix gives other bytes (the test
+/// `packing_gives_the_bytes_of_layout_1` pins them).
+pub const LAYOUT: u32 = 1;
+
+/// How an `n` x `k` matrix stored as `dtype` is packed: the kind, whether it is rewritten
+/// first, blocks per row and the lengths of the three arrays; `None` for another type, a
+/// width that is not whole blocks, or a CPU without the kernel.
+fn layout(dtype: GgmlDType, n: usize, k: usize) -> Option<(Kind, bool, usize, [usize; 3])> {
+    if !available() || n == 0 {
+        return None;
+    }
+    let (kind, rewritten) = Kind::for_stored(dtype)?;
+    if !k.is_multiple_of(dtype.block_size()) || !k.is_multiple_of(kind.file_block()) {
+        return None;
+    }
+    let blocks = k / BLOCK;
+    let per_group = n.div_ceil(ROWS).checked_mul(blocks)?;
+    let lens = [kind.chunks(), kind.scales(), kind.masks()].map(|m| per_group.saturating_mul(m));
+    Some((kind, rewritten, blocks, lens))
+}
+
 /// Packs a matrix from its stored bytes a piece of rows at a time, so that a loader needs no
 /// buffer the size of the whole matrix (a 7B model's vocabulary projection is hundreds of
 /// megabytes): `Packer::new`, then [`Packer::rows`] for each piece in any order, then
@@ -396,29 +419,25 @@ impl Packer {
     /// A packer for an `n` x `k` matrix stored as `dtype`, or `None` for another type, a width
     /// that is not whole blocks, or a CPU without the kernel.
     pub fn new(dtype: GgmlDType, n: usize, k: usize) -> Option<Self> {
-        if !available() || n == 0 {
-            return None;
-        }
-        let (kind, rewritten) = Kind::for_stored(dtype)?;
-        let rewrite_from = rewritten.then_some(dtype);
-        if !k.is_multiple_of(dtype.block_size()) || !k.is_multiple_of(kind.file_block()) {
-            return None;
-        }
-        let blocks = k / BLOCK;
-        let groups = n.div_ceil(ROWS);
+        let (kind, rewritten, blocks, [q, s, h]) = layout(dtype, n, k)?;
         Some(Self {
             packed: Packed {
                 kind,
                 n,
                 k,
                 blocks,
-                quants: Pages::zeroed(groups * blocks * kind.chunks())?,
-                scales: Pages::zeroed(groups * blocks * kind.scales())?,
-                high: Pages::zeroed(groups * blocks * kind.masks())?,
+                quants: Pages::zeroed(q)?,
+                scales: Pages::zeroed(s)?,
+                high: Pages::zeroed(h)?,
             },
-            rewrite_from,
+            rewrite_from: rewritten.then_some(dtype),
             scratch: Vec::new(),
         })
+    }
+
+    /// Rows of the matrix.
+    pub fn n(&self) -> usize {
+        self.packed.n
     }
 
     /// Bytes of one stored row.
@@ -488,6 +507,52 @@ impl Packed {
         }
         packer.rows(0, data)?;
         Some(packer.finish())
+    }
+
+    /// An `n` x `k` matrix of `dtype` packed earlier, whose [`Packed::arrays`] were saved:
+    /// `map(bytes)` gives each of them that is not empty, in their order. `None` where a
+    /// packer would not take the matrix or a mapping is missing or short.
+    pub fn mapped(
+        dtype: GgmlDType,
+        n: usize,
+        k: usize,
+        mut map: impl FnMut(usize) -> Option<Mmap>,
+    ) -> Option<Self> {
+        let (kind, _, blocks, [q, s, h]) = layout(dtype, n, k)?;
+        let mut take = |bytes: Option<usize>| match bytes? {
+            0 => Some(None),
+            bytes => map(bytes).map(Some),
+        };
+        let quants = Pages::read_only(take(Pages::<Chunk>::bytes(q))?, q)?;
+        let scales = Pages::read_only(take(Pages::<u16>::bytes(s))?, s)?;
+        let high = Pages::read_only(take(Pages::<u64>::bytes(h))?, h)?;
+        Some(Self {
+            kind,
+            n,
+            k,
+            blocks,
+            quants,
+            scales,
+            high,
+        })
+    }
+
+    /// Rows and columns.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+
+    /// The bytes of the packed arrays that are not empty, in the order [`Packed::mapped`] takes
+    /// them back.
+    pub fn arrays(&self) -> Vec<&[u8]> {
+        [
+            self.quants.as_bytes(),
+            self.scales.as_bytes(),
+            self.high.as_bytes(),
+        ]
+        .into_iter()
+        .filter(|a| !a.is_empty())
+        .collect()
     }
 
     /// Rows `first..first + count` from their stored bytes `data` (the packed format's; the
@@ -1065,6 +1130,65 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// What every packed format makes of fixed bytes, as one digest: cache files written with
+    /// one [`LAYOUT`] are mapped by later builds, so a change to the packing must change it.
+    #[test]
+    fn packing_gives_the_bytes_of_layout_1() {
+        use sha2::{Digest, Sha256};
+        if !available() {
+            return;
+        }
+        let (n, k) = (40, 256);
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut digest = Sha256::new();
+        for dtype in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q5_1,
+            GgmlDType::Q8_0,
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+        ] {
+            let size = dtype.type_size();
+            let mut data: Vec<u8> = (0..n * k / dtype.block_size() * size)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    (state >> 24) as u8
+                })
+                .collect();
+            // Finite scales (0.01 as f16): where the super-block's d (and K's dmin) are.
+            for block in data.chunks_exact_mut(size) {
+                let at = if dtype == GgmlDType::Q6K { size - 2 } else { 0 };
+                block[at..at + 2].copy_from_slice(&0x211Fu16.to_le_bytes());
+                if matches!(dtype, GgmlDType::Q4K | GgmlDType::Q5K) {
+                    block[2..4].copy_from_slice(&0x211Fu16.to_le_bytes());
+                }
+            }
+            let p = Packed::from_bytes(dtype, n, k, &data).unwrap();
+            for a in p.arrays() {
+                digest.update(a);
+            }
+        }
+        let got: String = digest
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(
+            (LAYOUT, got.as_str()),
+            (
+                1,
+                "0cf60df0946a2a90a4bad307f8eb5d8147a17195a86e53d2ffc3faa1f8af6e4b"
+            ),
+            "the packed bytes changed: bump LAYOUT (cache files of the old layout must not be \
+             mapped) and put the new digest here"
+        );
     }
 
     /// An `n x k` matrix of random weights in `dtype`, packed (`None` without the kernel).
