@@ -17,6 +17,12 @@ fn main() -> ExitCode {
     cli::init_logging(args.verbose, args.log_format, serving);
     let result = cli::dispatch(args);
     // A packed-weight cache written during the run is kept only once it is on disk.
+    if llmgenie::model::pack_caches_pending() {
+        eprintln!(
+            "finishing the packed-weight cache (once per model file; later loads map it; \
+             --packed-cache off skips it)"
+        );
+    }
     llmgenie::model::wait_for_pack_caches();
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -34,7 +34,8 @@ pub use device::{select_device, DeviceChoice};
 pub(crate) use fused::exp as fast_exp;
 pub use linear::DENSE_MIN_ROWS;
 pub use pack_cache::{
-    default_pack_cache_dir, pack_cache_dir, set_pack_cache_dir, wait_for_pack_caches, PackCacheUse,
+    default_pack_cache_dir, pack_cache_dir, pack_caches_pending, set_pack_cache_dir,
+    wait_for_pack_caches, PackCacheUse,
 };
 pub use transformer::{Activation, Config, RopeStyle, TensorSource, Transformer};
 

@@ -419,8 +419,11 @@ fn write_at(file: &File, at: u64, buf: &[u8]) -> std::io::Result<()> {
     }
 }
 
-/// Remove temporary files that processes which no longer run left behind.
+/// Remove temporary files that processes which no longer run left behind: files named for a
+/// process that is not running here, untouched for ten minutes (a writer in another PID
+/// namespace keeps its file's time fresh).
 fn remove_abandoned(dir: &Path) {
+    const IDLE: std::time::Duration = std::time::Duration::from_secs(600);
     let Ok(entries) = fs::read_dir(dir) else {
         return;
     };
@@ -436,7 +439,12 @@ fn remove_abandoned(dir: &Path) {
         else {
             continue;
         };
-        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+        let idle = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > IDLE));
+        let running = pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists();
+        if idle && !running {
             let _ = fs::remove_file(path);
         }
     }
@@ -444,6 +452,15 @@ fn remove_abandoned(dir: &Path) {
 
 /// Flushes of cache files still running.
 static PENDING: Mutex<Vec<JoinHandle<()>>> = Mutex::new(Vec::new());
+
+/// Whether a packed-weight cache this process started writing is still being written.
+pub fn pack_caches_pending() -> bool {
+    PENDING
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .iter()
+        .any(|h| !h.is_finished())
+}
 
 /// Wait until every packed-weight cache this process started writing is on disk and in place
 /// (or given up). Call before exiting: a cache whose flush is cut short is not kept.
@@ -474,4 +491,34 @@ pub fn set_pack_cache_dir(dir: Option<PathBuf>) {
 /// Where loads keep packed-weight caches.
 pub fn pack_cache_dir() -> Option<PathBuf> {
     DIR.lock().unwrap_or_else(PoisonError::into_inner).clone()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_idle_files_of_processes_gone_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        // No process has a pid this large (Linux's limit is 2^22).
+        let gone = 4_000_000_000u32;
+        let ours = std::process::id();
+        let file = |name: &str, idle: bool| {
+            let p = dir.path().join(name);
+            let f = File::create(&p).unwrap();
+            if idle {
+                f.set_modified(old).unwrap();
+            }
+            p
+        };
+        let abandoned = file(&format!("00ab.{gone}-0.tmp"), true);
+        let fresh = file(&format!("00ab.{gone}-1.tmp"), false);
+        let running = file(&format!("00ab.{ours}-0.tmp"), true);
+        let cache = file("00ab.pack", true);
+        remove_abandoned(dir.path());
+        assert!(!abandoned.exists());
+        assert!(fresh.exists() && running.exists() && cache.exists());
+    }
 }
