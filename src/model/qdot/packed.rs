@@ -1026,6 +1026,18 @@ mod tests {
     use candle_core::quantized::QMatMul;
     use candle_core::Module;
 
+    /// Every stored type that is packed.
+    const PACKED_TYPES: [GgmlDType; 8] = [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q8_0,
+        GgmlDType::Q6K,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+    ];
+
     /// The kernels' arithmetic, one block after another from the files' bytes: per block the
     /// exact integer sum of the weights' and the activations' quants, then (Q4_1) `m_w * s_x`
     /// and `sumi * (d_w * d_x)` added by fused multiply-adds. Activations are candle's Q8_1
@@ -1143,16 +1155,7 @@ mod tests {
         let (n, k) = (40, 256);
         let mut state = 0x2545_f491_4f6c_dd1du64;
         let mut digest = Sha256::new();
-        for dtype in [
-            GgmlDType::Q4_0,
-            GgmlDType::Q4_1,
-            GgmlDType::Q5_0,
-            GgmlDType::Q5_1,
-            GgmlDType::Q8_0,
-            GgmlDType::Q4K,
-            GgmlDType::Q5K,
-            GgmlDType::Q6K,
-        ] {
+        for dtype in PACKED_TYPES {
             let size = dtype.type_size();
             let mut data: Vec<u8> = (0..n * k / dtype.block_size() * size)
                 .map(|_| {
@@ -1184,7 +1187,7 @@ mod tests {
             (LAYOUT, got.as_str()),
             (
                 1,
-                "0cf60df0946a2a90a4bad307f8eb5d8147a17195a86e53d2ffc3faa1f8af6e4b"
+                "86f1624e35933630e81f039c3e687d4eebfe176fa6b58803780537c82a1953da"
             ),
             "the packed bytes changed: bump LAYOUT (cache files of the old layout must not be \
              mapped) and put the new digest here"
@@ -1451,16 +1454,7 @@ mod tests {
         }
         let dev = Device::Cpu;
         let (n, k) = (83usize, 512usize);
-        for dtype in [
-            GgmlDType::Q4_0,
-            GgmlDType::Q4_1,
-            GgmlDType::Q5_0,
-            GgmlDType::Q5_1,
-            GgmlDType::Q8_0,
-            GgmlDType::Q6K,
-            GgmlDType::Q4K,
-            GgmlDType::Q5K,
-        ] {
+        for dtype in PACKED_TYPES {
             let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
             let bytes = QTensor::quantize(&w, dtype)
                 .unwrap()
