@@ -154,9 +154,15 @@ pub(super) fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
 /// order. That order matters more than an ulp of the exponential: with the total's lanes
 /// added otherwise, SmolLM2's greedy answer to a test prompt turned into a loop.
 fn softmax_row(src: &[f32], dst: &mut [f32]) {
+    dst.copy_from_slice(src);
+    softmax_in_place(dst);
+}
+
+/// [`softmax_row`] of a row, in place.
+pub(super) fn softmax_in_place(row: &mut [f32]) {
     const L: usize = 16;
     let mut lanes = [f32::NEG_INFINITY; L];
-    let mut chunks = src.chunks_exact(L);
+    let mut chunks = row.chunks_exact(L);
     for c in &mut chunks {
         for (m, &x) in lanes.iter_mut().zip(c) {
             *m = m.max(x);
@@ -166,11 +172,11 @@ fn softmax_row(src: &[f32], dst: &mut [f32]) {
         lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max),
         |a, &x| a.max(x),
     );
-    for (d, &s) in dst.iter_mut().zip(src) {
-        *d = exp(s - max);
+    for d in row.iter_mut() {
+        *d = exp(*d - max);
     }
-    let sum = super::decode_attn::softmax_sum(dst);
-    for d in dst.iter_mut() {
+    let sum = super::decode_attn::softmax_sum(row);
+    for d in row.iter_mut() {
         *d /= sum;
     }
 }

@@ -13,6 +13,7 @@ mod lanes;
 mod linear;
 mod pack_cache;
 pub mod phases;
+mod prompt_attn;
 mod qdot;
 mod step;
 mod transformer;

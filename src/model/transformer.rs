@@ -25,6 +25,7 @@ use super::cache::KvCache;
 use super::decode_attn;
 use super::fused;
 use super::linear::Linear;
+use super::prompt_attn;
 use super::qdot::packed::Packed;
 use super::step::HostParams;
 use super::ModelError;
@@ -573,6 +574,17 @@ impl Transformer {
         let (k_all, v_all, start) = visible(layer, k_all, v_all, pos, pos + seq_len)?;
         // An f16 cache is read as f32 (a copy of the visible positions once per layer and pass).
         let (k_all, v_all) = (k_all.to_dtype(q.dtype())?, v_all.to_dtype(q.dtype())?);
+        if self.device.is_cpu() && b == 1 && q.dtype() == DType::F32 {
+            let span = prompt_attn::Span {
+                pos,
+                first_key: start,
+                window: layer.window,
+            };
+            let out = prompt_attn::attend(&q, &k_all, &v_all, span, cfg.attn_scale)?
+                .transpose(1, 2)?
+                .reshape((b, seq_len, cfg.n_heads * cfg.head_dim))?;
+            return Ok(layer.wo.forward(&out)?);
+        }
         // Grouped-query attention without copying keys: the `group` query heads that share a KV
         // head are consecutive, so (heads, seq) folds into (kv_heads, group * seq) rows.
         let group = cfg.n_heads / cfg.n_kv_heads;
