@@ -11,9 +11,10 @@
 
 use std::ops::Range;
 
-use candle_core::{DType, Tensor};
+use candle_core::{CpuStorage, InplaceOp1, Layout, Tensor};
 
-use super::{f32_values, par_fill, ModelError};
+use super::fused::softmax_in_place;
+use super::{par_fill, ModelError};
 
 /// Bytes of scores per tile (the probabilities take as much again).
 const TILE_BYTES: usize = 8 << 20;
@@ -82,11 +83,14 @@ pub(super) fn attend(
                 .contiguous()?
                 .reshape((group * n, hd))?;
             let scores = qt.matmul(&kh.narrow(1, at, len)?)?;
-            let probs = masked_softmax(&scores, scale as f32, n, |i| {
-                let seen = span.visible(first + i);
-                seen.start - lo..seen.end - lo
+            scores.inplace_op1(&MaskedSoftmax {
+                span,
+                first,
+                lo,
+                n,
+                scale: scale as f32,
             })?;
-            let out = probs.matmul(&vh.narrow(0, at, len)?)?;
+            let out = scores.matmul(&vh.narrow(0, at, len)?)?;
             tiles.push(out.reshape((group, n, hd))?);
         }
         heads.push(Tensor::cat(&tiles, 1)?);
@@ -94,42 +98,56 @@ pub(super) fn attend(
     Ok(Tensor::stack(&heads, 0)?.reshape((1, n_heads, seq, hd))?)
 }
 
-/// Each row of `scores` (`(rows, keys)`; row `r` is query `r % n` of the tile) times `scale`,
-/// softmaxed over the keys `seen(r % n)` (a range of columns); the other columns are zero.
-fn masked_softmax(
-    scores: &Tensor,
-    scale: f32,
+/// Turns a tile's scores (`(rows, keys)`, fresh from their matmul; row `r` is the query at
+/// position `first + r % n`, column `j` the key at position `lo + j`) into probabilities in
+/// place: each row times `scale`, softmaxed over the keys its query sees, zero elsewhere.
+struct MaskedSoftmax {
+    span: Span,
+    first: usize,
+    lo: usize,
     n: usize,
-    seen: impl Fn(usize) -> Range<usize> + Sync,
-) -> Result<Tensor, ModelError> {
-    let (rows, keys) = scores.dims2()?;
-    if scores.dtype() != DType::F32 || keys == 0 {
-        return Err(ModelError::Internal("prompt attention scores"));
+    scale: f32,
+}
+
+impl InplaceOp1 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "masked-softmax"
     }
-    let s = f32_values(scores)?;
-    let mut out = vec![0f32; rows * keys];
-    let piece = (4096 / keys).max(1) * keys;
-    par_fill(&mut out, piece, |p, o| {
-        let first = p * piece / keys;
-        for (r, row) in o.chunks_exact_mut(keys).enumerate() {
-            let r = first + r;
-            let cols = seen(r % n.max(1));
-            let cols = cols.start.min(keys)..cols.end.min(keys);
-            let src = &s[r * keys..(r + 1) * keys];
-            let dst = &mut row[cols.clone()];
-            for (d, &x) in dst.iter_mut().zip(&src[cols]) {
-                *d = x * scale;
-            }
-            super::fused::softmax_in_place(dst);
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        let (CpuStorage::F32(data), Some((start, end))) = (storage, layout.contiguous_offsets())
+        else {
+            candle_core::bail!("masked softmax: contiguous f32 scores expected");
+        };
+        let (_, keys) = layout.shape().dims2()?;
+        if keys == 0 {
+            return Ok(());
         }
-    });
-    Ok(Tensor::from_vec(out, (rows, keys), scores.device())?)
+        let piece = (4096 / keys).max(1) * keys;
+        par_fill(&mut data[start..end], piece, |p, o| {
+            let first_row = p * piece / keys;
+            for (r, row) in o.chunks_exact_mut(keys).enumerate() {
+                let seen = self
+                    .span
+                    .visible(self.first + (first_row + r) % self.n.max(1));
+                let cols = (seen.start - self.lo).min(keys)..(seen.end - self.lo).min(keys);
+                row[..cols.start].fill(0.0);
+                row[cols.end..].fill(0.0);
+                let row = &mut row[cols];
+                for x in row.iter_mut() {
+                    *x *= self.scale;
+                }
+                softmax_in_place(row);
+            }
+        });
+        Ok(())
+    }
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use candle_core::Device;
+    use candle_core::{DType, Device};
 
     use super::*;
 
