@@ -69,6 +69,7 @@ pub fn run(
             for i in 0..size {
                 let prompt = filler_prompt(&tokenizer, cfg.prompt_tokens, i)?;
                 let mut cache = w.new_cache();
+                cache.plan(cfg.prompt_tokens + cfg.gen_tokens);
                 let logits = prefill(w, &prompt, &mut cache)?;
                 next.push(argmax(&logits).unwrap_or(0));
                 caches.push(cache);

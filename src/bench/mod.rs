@@ -156,6 +156,7 @@ pub fn run(
         let prompt = filler_prompt(&tokenizer, cfg.prompt_tokens, 0)?;
         let weights = &loaded.weights;
         let mut cache = weights.new_cache();
+        cache.plan(cfg.prompt_tokens + cfg.gen_tokens);
         let t1 = Instant::now();
         let mut logits = prefill(weights, &prompt, &mut cache)?;
         prefill_speeds.push(cfg.prompt_tokens as f64 / t1.elapsed().as_secs_f64());

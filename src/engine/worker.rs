@@ -253,6 +253,11 @@ fn serve(
                         }
                         None => (weights.new_cache(), 0),
                     };
+                    let mut cache = cache;
+                    if let Some(m) = request.max_tokens {
+                        let context = weights.config().context_length;
+                        cache.plan(request.prompt.len().saturating_add(m).min(context));
+                    }
                     active.push(Sequence {
                         cache,
                         sampler: Sampler::new(request.params.clone()),
