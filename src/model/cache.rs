@@ -384,13 +384,9 @@ mod tests {
             all.push(k);
             assert_eq!(cache.bytes(), cap * per_position, "after {n}");
             let want = Tensor::cat(&all, 2).unwrap();
-            let diff = (v_all - &want).unwrap().abs().unwrap().max_all().unwrap();
-            assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
-            let diff = (k_all.transpose(2, 3).unwrap() - want)
-                .unwrap()
-                .abs()
-                .unwrap();
-            assert_eq!(diff.max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+            assert_eq!(crate::model::max_diff(&v_all, &want), 0.0);
+            let keys = k_all.transpose(2, 3).unwrap();
+            assert_eq!(crate::model::max_diff(&keys, &want), 0.0);
         }
         let mut huge = KvCache::with_type(1, KvCacheType::F32);
         huge.plan(1 << 20);
@@ -416,17 +412,8 @@ mod tests {
             vs.push(v);
             let want_k = Tensor::cat(&ks, 2).unwrap().transpose(2, 3).unwrap();
             let want_v = Tensor::cat(&vs, 2).unwrap();
-            let diff = |a: &Tensor, b: &Tensor| {
-                let b = b.to_dtype(stored).unwrap().to_dtype(DType::F32).unwrap();
-                (a.to_dtype(DType::F32).unwrap() - b)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-            };
+            let diff =
+                |a: &Tensor, b: &Tensor| crate::model::max_diff(a, &b.to_dtype(stored).unwrap());
             assert_eq!(k_all.dtype(), stored);
             assert_eq!(k_all.dims(), want_k.dims());
             assert_eq!(diff(&k_all, &want_k), 0.0);

@@ -53,6 +53,17 @@ pub(crate) fn f32_values(t: &candle_core::Tensor) -> candle_core::Result<Vec<f32
         .to_vec1::<f32>()
 }
 
+/// The largest absolute difference between two tensors' values (for tests).
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub(crate) fn max_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    let (a, b) = (f32_values(a).unwrap(), f32_values(b).unwrap());
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(&b)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+}
+
 /// Each of `items` handed to `f(index, item)` on candle's worker pool: the way to give the
 /// pool's threads disjoint mutable pieces of work (each behind a lock of its own, never
 /// contended). A single item runs on the calling thread: there is nothing to share.
