@@ -204,13 +204,19 @@ fn counters_follow_local_answers_escalations_rejections_and_cancellations() {
     drop(stream);
     let deadline = Instant::now() + Duration::from_secs(20);
     let cancelled = [("model", "smollm2-135m"), ("reason", "cancelled")];
+    // A scrape reads the running gauge before it renders the counters, so one scrape can catch
+    // the sequence counted as cancelled and still running; wait until both settle.
     loop {
         let now = scrape(a);
-        if value(&now, finished, &cancelled) - value(&before, finished, &cancelled) == 1.0 {
-            assert_eq!(value(&now, "llmgenie_running_sequences", &MODEL), 0.0);
+        let counted = value(&now, finished, &cancelled) - value(&before, finished, &cancelled);
+        let running = value(&now, "llmgenie_running_sequences", &MODEL);
+        if counted == 1.0 && running == 0.0 {
             break;
         }
-        assert!(Instant::now() < deadline, "no cancelled sequence counted");
+        assert!(
+            Instant::now() < deadline,
+            "cancelled sequences counted: {counted}, still running: {running}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 
