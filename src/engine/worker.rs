@@ -241,7 +241,7 @@ fn serve(
                         vocab = Some(token_bytes(tokenizer));
                     }
                     meters.queue_wait.record(submitted.elapsed().as_secs_f64());
-                    let (cache, evaluated) = match prefixes.take(&request.prompt) {
+                    let (mut cache, evaluated) = match prefixes.take(&request.prompt) {
                         Some(hit) => {
                             stats.prefix_hits.fetch_add(1, Ordering::Relaxed);
                             stats
@@ -253,7 +253,6 @@ fn serve(
                         }
                         None => (weights.new_cache(), 0),
                     };
-                    let mut cache = cache;
                     if let Some(m) = request.max_tokens {
                         let context = weights.config().context_length;
                         cache.plan(request.prompt.len().saturating_add(m).min(context));

@@ -72,7 +72,7 @@ fn applies(t: &Tensor) -> bool {
 }
 
 /// Elements per piece of work: big enough that the pool's hand-off is small beside it.
-const PIECE: usize = 4096;
+pub(super) const PIECE: usize = 4096;
 
 /// `act(gate) * up`, element by element.
 ///
@@ -122,43 +122,10 @@ pub(super) fn gated_into(g: &[f32], u: &[f32], out: &mut [f32], act: Activation)
     }
 }
 
-/// Softmax over the last dimension.
-///
-/// # Errors
-/// A candle failure.
-pub(super) fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
-    if !applies(x) || x.rank() == 0 {
-        return candle_nn::ops::softmax_last_dim(x);
-    }
-    let width = x.dim(candle_core::D::Minus1)?;
-    let v = values(x)?;
-    let mut out = vec![0f32; v.len()];
-    if width == 0 {
-        return Tensor::from_vec(out, x.shape(), x.device());
-    }
-    let piece = (PIECE / width).max(1) * width;
-    par_fill(&mut out, piece, |i, o| {
-        let start = i * piece;
-        for (src, dst) in v[start..start + o.len()]
-            .chunks_exact(width)
-            .zip(o.chunks_exact_mut(width))
-        {
-            softmax_row(src, dst);
-        }
-    });
-    Tensor::from_vec(out, x.shape(), x.device())
-}
-
-/// One row's softmax: the maximum kept in sixteen lanes (so that it vectorises; a maximum is
-/// the same in any order), the exponentials shifted by it, and their total added in candle's
-/// order. That order matters more than an ulp of the exponential: with the total's lanes
-/// added otherwise, SmolLM2's greedy answer to a test prompt turned into a loop.
-fn softmax_row(src: &[f32], dst: &mut [f32]) {
-    dst.copy_from_slice(src);
-    softmax_in_place(dst);
-}
-
-/// [`softmax_row`] of a row, in place.
+/// One row's softmax, in place: the maximum kept in sixteen lanes (so that it vectorises; a
+/// maximum is the same in any order), the exponentials shifted by it, and their total added in
+/// candle's order. That order matters more than an ulp of the exponential: with the total's
+/// lanes added otherwise, SmolLM2's greedy answer to a test prompt turned into a loop.
 pub(super) fn softmax_in_place(row: &mut [f32]) {
     const L: usize = 16;
     let mut lanes = [f32::NEG_INFINITY; L];
@@ -310,7 +277,11 @@ mod tests {
         let mask = Tensor::from_vec(mask, (37, 300), &dev).unwrap();
         let x = x.broadcast_add(&mask).unwrap();
         let want = candle_nn::ops::softmax_last_dim(&x).unwrap();
-        let got = softmax_last_dim(&x).unwrap();
+        let mut rows = values(&x).unwrap();
+        for row in rows.chunks_exact_mut(300) {
+            softmax_in_place(row);
+        }
+        let got = Tensor::from_vec(rows, x.shape(), &dev).unwrap();
         close(&got, &want, 1e-6);
         let got: Vec<f32> = values(&got).unwrap();
         assert_eq!(got[299], 0.0);

@@ -26,6 +26,7 @@ use std::thread::JoinHandle;
 use candle_core::quantized::GgmlDType;
 use memmap2::MmapOptions;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use super::qdot::packed::{self, Packed};
 
@@ -72,13 +73,11 @@ impl Identity {
         })
     }
 
-    /// The cache file's name: a hash of the model's path (FNV-1a, stable across builds).
+    /// The cache file's name: the first 64 bits of the SHA-256 of the model's path.
     fn file_name(&self) -> String {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in self.path.as_os_str().as_encoded_bytes() {
-            h = (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        format!("{h:016x}.pack")
+        let digest = Sha256::digest(self.path.as_os_str().as_encoded_bytes());
+        let head: [u8; 8] = std::array::from_fn(|i| digest[i]);
+        format!("{:016x}.pack", u64::from_be_bytes(head))
     }
 }
 
@@ -151,7 +150,7 @@ impl PackCache {
                 tracing::info!(cache = %dest.display(), why, "packed-weight cache is out of date; packing again");
             }
         }
-        Some(Self::Writing(CacheWriter::new(dir, dest, id)))
+        Some(Self::Writing(CacheWriter::new(dest, id)))
     }
 }
 
@@ -265,16 +264,15 @@ fn write_at(mut file: &File, at: u64, buf: &[u8]) -> std::io::Result<()> {
 /// A cache file to be written: the matrices packed in memory during the load, written out after
 /// it on a background thread.
 pub(super) struct CacheWriter {
-    dir: PathBuf,
+    /// Where the file goes, in the cache directory.
     dest: PathBuf,
     model: Identity,
     tensors: Vec<(String, u32, Arc<Packed>)>,
 }
 
 impl CacheWriter {
-    fn new(dir: &Path, dest: PathBuf, model: Identity) -> Self {
+    fn new(dest: PathBuf, model: Identity) -> Self {
         Self {
-            dir: dir.to_path_buf(),
             dest,
             model,
             tensors: Vec::new(),
@@ -303,7 +301,7 @@ impl CacheWriter {
                         "packed-weight cache written; later loads map it"
                     ),
                     Err(e) => tracing::warn!(
-                        dir = %self.dir.display(),
+                        cache = %self.dest.display(),
                         error = %e,
                         "cannot write a packed-weight cache; later loads pack again"
                     ),
@@ -327,8 +325,9 @@ impl CacheWriter {
     /// Write the file under a temporary name, flush it to disk and rename it into place; the
     /// file's length.
     fn write(&self) -> std::io::Result<u64> {
-        fs::create_dir_all(&self.dir)?;
-        remove_abandoned(&self.dir);
+        let dir = self.dest.parent().unwrap_or(Path::new("."));
+        fs::create_dir_all(dir)?;
+        remove_abandoned(dir);
         // Unique to this writer: `<hash>.<pid>-<n>.tmp`.
         static WRITERS: AtomicU64 = AtomicU64::new(0);
         let n = WRITERS.fetch_add(1, Ordering::Relaxed);

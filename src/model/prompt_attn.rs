@@ -13,7 +13,7 @@ use std::ops::Range;
 
 use candle_core::{CpuStorage, InplaceOp1, Layout, Tensor};
 
-use super::fused::softmax_in_place;
+use super::fused::{softmax_in_place, PIECE};
 use super::{par_fill, ModelError};
 
 /// Bytes of scores per tile (the probabilities take as much again).
@@ -86,7 +86,6 @@ pub(super) fn attend(
             scores.inplace_op1(&MaskedSoftmax {
                 span,
                 first,
-                lo,
                 n,
                 scale: scale as f32,
             })?;
@@ -99,12 +98,12 @@ pub(super) fn attend(
 }
 
 /// Turns a tile's scores (`(rows, keys)`, fresh from their matmul; row `r` is the query at
-/// position `first + r % n`, column `j` the key at position `lo + j`) into probabilities in
-/// place: each row times `scale`, softmaxed over the keys its query sees, zero elsewhere.
+/// position `first + r % n`, column `j` the first key the tile's first query sees plus `j`)
+/// into probabilities in place: each row times `scale`, softmaxed over the keys its query
+/// sees, zero elsewhere.
 struct MaskedSoftmax {
     span: Span,
     first: usize,
-    lo: usize,
     n: usize,
     scale: f32,
 }
@@ -123,14 +122,15 @@ impl InplaceOp1 for MaskedSoftmax {
         if keys == 0 {
             return Ok(());
         }
-        let piece = (4096 / keys).max(1) * keys;
+        let lo = self.span.visible(self.first).start;
+        let piece = (PIECE / keys).max(1) * keys;
         par_fill(&mut data[start..end], piece, |p, o| {
             let first_row = p * piece / keys;
             for (r, row) in o.chunks_exact_mut(keys).enumerate() {
                 let seen = self
                     .span
                     .visible(self.first + (first_row + r) % self.n.max(1));
-                let cols = (seen.start - self.lo).min(keys)..(seen.end - self.lo).min(keys);
+                let cols = (seen.start - lo).min(keys)..(seen.end - lo).min(keys);
                 row[..cols.start].fill(0.0);
                 row[cols.end..].fill(0.0);
                 let row = &mut row[cols];

@@ -585,7 +585,7 @@ impl Transformer {
                 .reshape((b, seq_len, cfg.n_heads * cfg.head_dim))?;
             return Ok(layer.wo.forward(&out)?);
         }
-        // Grouped-query attention without copying keys: the `group` query heads that share a KV
+        // Other devices: the whole chunk at once, grouped-query attention without copying keys: the `group` query heads that share a KV
         // head are consecutive, so (heads, seq) folds into (kv_heads, group * seq) rows.
         let group = cfg.n_heads / cfg.n_kv_heads;
         let q = q.reshape((b, cfg.n_kv_heads, group * seq_len, cfg.head_dim))?;
@@ -594,7 +594,7 @@ impl Transformer {
             Some(mask) => scores.broadcast_add(&mask)?,
             None => scores,
         };
-        let probs = fused::softmax_last_dim(&scores)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         let out = probs.matmul(&v_all)?;
         let out = out
             .reshape((b, cfg.n_heads, seq_len, cfg.head_dim))?
