@@ -46,6 +46,14 @@ def peak_rss():
     return 0
 
 
+def filler_prompt(filler, tokens, offset):
+    """`tokens` tokens of the repeated filler, from token `offset` (as src/bench/mod.rs builds them)."""
+    prompt = []
+    while len(prompt) < tokens + offset:
+        prompt.extend(filler)
+    return prompt[offset:offset + tokens]
+
+
 def one(args):
     import llama_cpp
     t0 = time.perf_counter()
@@ -54,10 +62,7 @@ def one(args):
                           verbose=False)
     load_s = time.perf_counter() - t0
     filler = llm.tokenize(FILLER.encode(), add_bos=False, special=False)
-    prompt = []
-    while len(prompt) < args.prompt_tokens:
-        prompt.extend(filler)
-    prompt = prompt[:args.prompt_tokens]
+    prompt = filler_prompt(filler, args.prompt_tokens, 0)
     t1 = time.perf_counter()
     llm.eval(prompt)
     prefill = args.prompt_tokens / (time.perf_counter() - t1)
@@ -72,14 +77,6 @@ def one(args):
     decode = args.gen_tokens / (time.perf_counter() - t2)
     print(json.dumps({"prefill_tokens_per_s": prefill, "decode_tokens_per_s": decode,
                       "load_s": load_s, "peak_rss_bytes": peak_rss()}))
-
-
-def filler_prompt(filler, tokens, offset):
-    """`tokens` tokens of the repeated filler, from token `offset` (as src/bench/mod.rs builds them)."""
-    prompt = []
-    while len(prompt) < tokens + offset:
-        prompt.extend(filler)
-    return prompt[offset:offset + tokens]
 
 
 def one_batch(args):
@@ -136,20 +133,27 @@ def one_batch(args):
     print(json.dumps({"points": points}))
 
 
+def run_pair(args, extra):
+    """One `llmgenie bench` run and one llama.cpp run (a fresh process each) of the same model,
+    threads and token counts, with `extra` flags for both; their JSON objects."""
+    same = ["--threads", str(args.threads), "--prompt-tokens", str(args.prompt_tokens),
+            "--gen-tokens", str(args.gen_tokens), *extra]
+    mine = subprocess.run([args.bin, "bench", "--model", args.model, "--runs", "1", "--json", *same],
+                          check=True, capture_output=True, text=True)
+    lc = subprocess.run([sys.executable, __file__, "--one", "--model-path", args.model_path, *same],
+                        check=True, capture_output=True, text=True)
+    return json.loads(mine.stdout), json.loads(lc.stdout.strip().splitlines()[-1])
+
+
 def compare_batch(args):
     sizes = ",".join(str(s) for s in args.batch)
     ours = {s: [] for s in args.batch}
     theirs = {s: [] for s in args.batch}
     for i in range(args.runs):
-        mine = subprocess.run([args.bin, "bench", "--model", args.model, "--threads", str(args.threads),
-                               "--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens),
-                               "--batch", sizes, "--runs", "1", "--json"], check=True, capture_output=True, text=True)
-        lc = subprocess.run([sys.executable, __file__, "--one", "--batch", sizes, "--model-path", args.model_path,
-                             "--threads", str(args.threads), "--prompt-tokens", str(args.prompt_tokens),
-                             "--gen-tokens", str(args.gen_tokens)], check=True, capture_output=True, text=True)
-        for pt in json.loads(mine.stdout)["points"]:
+        mine, lc = run_pair(args, ["--batch", sizes])
+        for pt in mine["points"]:
             ours[pt["sequences"]].append(pt["tokens_per_s"])
-        for pt in json.loads(lc.stdout.strip().splitlines()[-1])["points"]:
+        for pt in lc["points"]:
             theirs[pt["sequences"]].append(pt["tokens_per_s"])
         last = args.batch[-1]
         print(f"run {i + 1}/{args.runs}: {last} sequences: llmgenie {ours[last][-1]:.1f} t/s, "
@@ -168,13 +172,7 @@ def compare(args):
     keys = ["prefill_tokens_per_s", "decode_tokens_per_s", "load_s", "peak_rss_bytes"]
     ours, theirs = {k: [] for k in keys}, {k: [] for k in keys}
     for i in range(args.runs):
-        mine = subprocess.run([args.bin, "bench", "--model", args.model, "--threads", str(args.threads),
-                               "--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens),
-                               "--runs", "1", "--json"], check=True, capture_output=True, text=True)
-        lc = subprocess.run([sys.executable, __file__, "--one", "--model-path", args.model_path,
-                             "--threads", str(args.threads), "--prompt-tokens", str(args.prompt_tokens),
-                             "--gen-tokens", str(args.gen_tokens)], check=True, capture_output=True, text=True)
-        m, l = json.loads(mine.stdout), json.loads(lc.stdout.strip().splitlines()[-1])
+        m, l = run_pair(args, [])
         for k in keys:
             ours[k].append(m[k])
             theirs[k].append(l[k])

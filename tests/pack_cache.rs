@@ -26,14 +26,20 @@ fn logits(m: &LoadedModel) -> Vec<u32> {
     bits
 }
 
-/// The cache file a load wrote, once it is on disk.
-fn written(m: &LoadedModel) -> PathBuf {
+/// Where a load set out to write its cache file, once the writing has ended.
+fn after_writing(m: &LoadedModel) -> PathBuf {
     let PackCacheUse::Written(p) = &m.pack_cache else {
         panic!("expected a cache to be written, got {:?}", m.pack_cache);
     };
     wait_for_pack_caches();
-    assert!(p.is_file(), "{} was not written", p.display());
     p.clone()
+}
+
+/// The cache file a load wrote, once it is on disk.
+fn written(m: &LoadedModel) -> PathBuf {
+    let p = after_writing(m);
+    assert!(p.is_file(), "{} was not written", p.display());
+    p
 }
 
 #[test]
@@ -159,11 +165,7 @@ fn an_unwritable_cache_directory_only_costs_the_cache() {
     let caches = blocker.join("packed");
     let path = model_path(SMOLLM2);
     let m = load(&path, Some(&caches));
-    let PackCacheUse::Written(p) = &m.pack_cache else {
-        panic!("{:?}", m.pack_cache);
-    };
-    wait_for_pack_caches();
-    assert!(!p.exists());
+    assert!(!after_writing(&m).exists());
     assert!(logits(&m) == logits(&load(&path, None)));
     assert!(!matches!(
         load(&path, Some(&caches)).pack_cache,

@@ -20,6 +20,11 @@ use super::ModelError;
 /// Smallest number of positions a layer's storage is allocated for.
 const MIN_CAPACITY: usize = 64;
 
+/// What a planned capacity is rounded up to ([`KvCache::plan`]): at a capacity of 4,128 (rows
+/// of transposed keys 8,256 bytes apart) decode attention ran 30% slower than at 4,096 or
+/// 4,608 (measured here; the cause is not known).
+const PLAN_STEP: usize = 512;
+
 /// Keys and values of one layer: keys `(1, kv_heads, head_dim, capacity)`, values
 /// `(1, kv_heads, capacity, head_dim)`.
 struct LayerCache {
@@ -126,9 +131,9 @@ impl KvCache {
 
     /// The sequence will hold at most `positions` positions (its prompt and its `max_tokens`):
     /// when storage grows to within doubling's reach of the plan, it takes the plan (rounded up
-    /// to 512 positions) instead of doubling (which copies the cache once more and can leave half of it unused: a
-    /// 4,100-position sequence held storage for 8,192). Storage never exceeds what doubling
-    /// would take; past the plan it grows by doubling again.
+    /// to `PLAN_STEP` positions) instead of doubling, which copies the cache once more and can
+    /// leave half of it unused (a 4,100-position sequence held storage for 8,192). Storage
+    /// never exceeds what doubling would take; past the plan it grows by doubling again.
     pub fn plan(&mut self, positions: usize) {
         self.planned = positions;
     }
@@ -258,10 +263,7 @@ impl KvCache {
             let doubled = needed.max(old_cap * 2).max(MIN_CAPACITY);
             // The plan, where it is no more than doubling may take anyway: a plan far past
             // what is stored (a `max_tokens` of the whole context) reserves nothing up front.
-            // Rounded up to 512 positions: at a capacity of 4,128 (rows of transposed keys 8,256
-            // bytes apart) decode attention ran 30% slower than at 4,096 or 4,608 (measured
-            // here; the cause is not known).
-            let planned = self.planned.next_multiple_of(512);
+            let planned = self.planned.next_multiple_of(PLAN_STEP);
             let cap = if (needed..=doubled.max(2 * needed)).contains(&planned) {
                 planned
             } else {

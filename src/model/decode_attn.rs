@@ -9,8 +9,9 @@
 //! candle's worker pool, with the running sums in vector registers (`lanes.rs`). A cache longer
 //! than [`BLOCK_KEYS`] positions is taken a block at a time (flash-decoding's split: each
 //! block's maximum, total and weighted values, combined after), so that one long sequence
-//! keeps every worker busy: at 4,000 positions SmolLM2's attention took a third less time. The single
-//! decode path and the batched one both use it, so a sequence gets the same bits either way.
+//! keeps every worker busy: at 4,000 positions SmolLM2's attention took a third less time.
+//! The single decode path and the batched one both use it, so a sequence gets the same bits
+//! either way.
 //! The sums follow candle's order where it is known (a fused multiply-add chain per score and
 //! per output dimension, as its GEMM accumulates; the softmax total as its AVX sum adds), so
 //! results differ from candle's by an ulp at most here and there, and greedy answers match.
@@ -195,6 +196,9 @@ pub(super) fn attend(
     }
     let cells: Vec<AtomicU32> = (0..n * nh * hd).map(|_| AtomicU32::new(0)).collect();
     let parts: Vec<AtomicU32> = (0..parts_len).map(|_| AtomicU32::new(0)).collect();
+    let store = |cells: &[AtomicU32], at: usize, x: f32| {
+        cells[at].store(x.to_bits(), Ordering::Relaxed);
+    };
     candle_core::utils::barrier_pool().execute_chunked(items.len(), |range| {
         let mut scores = Vec::new();
         let mut out = vec![0f32; piece * hd];
@@ -214,9 +218,6 @@ pub(super) fn attend(
                     let at = Kv::new(k, v, kview, vview, kv_head, heads.scale).block(block, nb);
                     by_count(count, qs, &at, &mut scores, out)
                 }
-            };
-            let store = |cells: &[AtomicU32], at: usize, x: f32| {
-                cells[at].store(x.to_bits(), Ordering::Relaxed);
             };
             if nb == 1 {
                 let base = (seq * nh + first) * hd;
@@ -610,6 +611,23 @@ mod tests {
         Ok(crate::model::f32_values(t)?)
     }
 
+    /// The values' bits, for comparisons that must be exact.
+    fn bits(x: &[f32]) -> Vec<u32> {
+        x.iter().map(|f| f.to_bits()).collect()
+    }
+
+    /// Random f16 keys `(1, kv_heads, hd, keys)` and values `(1, kv_heads, keys, hd)`: views of
+    /// the first `keys` positions of storage for `cap`.
+    fn f16_cache(kv_heads: usize, hd: usize, keys: usize, cap: usize) -> (Tensor, Tensor) {
+        let dev = Device::Cpu;
+        let k = Tensor::randn(0f32, 1.0, (1, kv_heads, hd, cap), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (1, kv_heads, cap, hd), &dev).unwrap();
+        (
+            k.to_dtype(DType::F16).unwrap().narrow(3, 0, keys).unwrap(),
+            v.to_dtype(DType::F16).unwrap().narrow(2, 0, keys).unwrap(),
+        )
+    }
+
     /// Against candle's own ops on a grouped-query case with a cache view that is narrower than
     /// its storage (a sliding window over a cache with spare capacity), with key counts from one
     /// to above the 32 of a softmax block. The
@@ -680,7 +698,6 @@ mod tests {
                 keys,
             };
             let at = Kv::new(&k, &v, kview, vview, 0, 0.3);
-            let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             let mut scores = Vec::new();
             let mut alone = vec![0f32; 4 * hd];
             for (h, out) in alone.chunks_exact_mut(hd).enumerate() {
@@ -723,13 +740,7 @@ mod tests {
         };
         let (mut halves, mut singles, mut qs) = (Vec::new(), Vec::new(), Vec::new());
         for keys in [1usize, 9, 40, 131] {
-            let k = Tensor::randn(0f32, 1.0, (1, 2, 72, 140), &dev).unwrap();
-            let v = Tensor::randn(0f32, 1.0, (1, 2, 140, 72), &dev).unwrap();
-            let (k, v) = (
-                k.to_dtype(DType::F16).unwrap(),
-                v.to_dtype(DType::F16).unwrap(),
-            );
-            let (k, v) = (k.narrow(3, 0, keys).unwrap(), v.narrow(2, 0, keys).unwrap());
+            let (k, v) = f16_cache(2, 72, keys, 140);
             let widen = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
             singles.push((widen(&k), widen(&v)));
             halves.push((k, v));
@@ -738,7 +749,6 @@ mod tests {
         let q = values(&Tensor::cat(&qs, 0).unwrap()).unwrap();
         let a = attend(&q, &halves, &heads).unwrap();
         let b = attend(&q, &singles, &heads).unwrap();
-        let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&a), bits(&b));
         // Mixed storage types are refused, not misread.
         let mixed = [(halves[0].0.clone(), singles[0].1.clone())];
@@ -759,12 +769,7 @@ mod tests {
         };
         let (mut kv, mut qs, mut want) = (Vec::new(), Vec::new(), Vec::new());
         for keys in [BLOCK_KEYS + 1, 2500, 40] {
-            let k = Tensor::randn(0f32, 1.0, (1, 3, 64, keys + 7), &dev).unwrap();
-            let v = Tensor::randn(0f32, 1.0, (1, 3, keys + 7, 64), &dev).unwrap();
-            let (k, v) = (
-                k.to_dtype(DType::F16).unwrap().narrow(3, 0, keys).unwrap(),
-                v.to_dtype(DType::F16).unwrap().narrow(2, 0, keys).unwrap(),
-            );
+            let (k, v) = f16_cache(3, 64, keys, keys + 7);
             let q = Tensor::randn(0f32, 2.0, (1, 9, 1, 64), &dev).unwrap();
             let (kf, vf) = (
                 k.to_dtype(DType::F32).unwrap(),
@@ -781,7 +786,6 @@ mod tests {
         for (i, (a, b)) in together.iter().zip(&want).enumerate() {
             assert!((a - b).abs() < 1e-5, "{i}: {a} vs {b}");
         }
-        let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
         for (s, pair) in kv.iter().enumerate() {
             let w = 9 * 64;
             let alone = attend(&q[s * w..(s + 1) * w], std::slice::from_ref(pair), &heads).unwrap();

@@ -585,8 +585,9 @@ impl Transformer {
                 .reshape((b, seq_len, cfg.n_heads * cfg.head_dim))?;
             return Ok(layer.wo.forward(&out)?);
         }
-        // Other devices: the whole chunk at once, grouped-query attention without copying keys: the `group` query heads that share a KV
-        // head are consecutive, so (heads, seq) folds into (kv_heads, group * seq) rows.
+        // Other devices: the whole chunk at once. Grouped-query attention without copying keys:
+        // the `group` query heads that share a KV head are consecutive, so (heads, seq) folds
+        // into (kv_heads, group * seq) rows.
         let group = cfg.n_heads / cfg.n_kv_heads;
         let q = q.reshape((b, cfg.n_kv_heads, group * seq_len, cfg.head_dim))?;
         let scores = (q.matmul(&gpu_ready(&k_all)?)? * cfg.attn_scale)?;
